@@ -1,0 +1,63 @@
+// moss_kernels._C: the one TORCH_LIBRARY registration file of the extension.
+//
+// The public ops (moss::linear_fwd, moss::linear_bwd) are defined in Python
+// (moss_kernels/linear.py) so that the package works without this extension; the compiled
+// backends add their kernels to the same `moss` namespace from here, as a fragment.
+// Importing the module is what registers them; the Python module object itself is empty.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef MOSS_TORCH_VERSION
+#error "MOSS_TORCH_VERSION must be defined by setup.py"
+#endif
+// Passed unquoted (-DMOSS_TORCH_VERSION=2.13.0) because ninja command lines eat quotes.
+#define MOSS_STR_(x) #x
+#define MOSS_STR(x) MOSS_STR_(x)
+
+namespace moss {
+
+// "key=value;..." describing how this binary was built; parsed by moss_kernels/_ext.py and
+// compared with the running torch so that a stale build is reported instead of crashing.
+std::string build_info() {
+  std::string info = "torch=" MOSS_STR(MOSS_TORCH_VERSION) ";";
+#if defined(__clang__)
+  info += "compiler=clang " __clang_version__ ";";
+#elif defined(__GNUC__)
+  info += "compiler=gcc " __VERSION__ ";";
+#elif defined(_MSC_VER)
+  info += "compiler=msvc " + std::to_string(_MSC_VER) + ";";
+#endif
+#ifdef _OPENMP
+  info += "openmp=" + std::to_string(_OPENMP) + ";";
+#else
+  info += "openmp=no;";
+#endif
+#ifdef MOSS_WITH_CUDA
+  info += "cuda=" MOSS_STR(MOSS_WITH_CUDA) ";";
+#else
+  info += "cuda=no;";
+#endif
+#ifdef NDEBUG
+  info += "debug=no;";
+#else
+  info += "debug=yes;";
+#endif
+  return info;
+}
+
+TORCH_LIBRARY_FRAGMENT(moss, m) {
+  m.def("_C_build_info() -> str", &build_info);
+}
+
+}  // namespace moss
+
+extern "C" {
+// An importable, empty module: `import moss_kernels._C` loads the library and runs the
+// registration above (the pattern of pytorch/extension-cpp; no pybind11 needed).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

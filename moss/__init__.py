@@ -1,0 +1,2 @@
+"""moss: the thin layer users touch (command line now; adapters, training and generation
+plug transformers backbones into :mod:`moss_kernels`)."""

@@ -1,0 +1,191 @@
+"""moss_linear: a frozen linear layer plus modality-routed LoRA (text) and ConvLoRA (image).
+
+The math (forward and backward) is written out in :mod:`moss_kernels.reference`, which is also
+the specification every backend is tested against. This file holds what all backends share:
+
+* two ``torch.library`` custom ops in the ``moss`` namespace,
+
+      moss::linear_fwd(x, W, b?, A_t, B_t, A_i, B_i, route, nbr, nbr_t, s_t, s_i, backend)
+          -> (y [N, D_out], z [N, R_t + R_i])
+      moss::linear_bwd(dy, x, W, A_t, B_t, A_i, B_i, z, route, nbr_t, s_t, s_i,
+                       need_dx, need_dW, need_db, backend)
+          -> (dx, dW, db, dA_t, dB_t, dA_i, dB_i)     (empty tensors for grads not asked for)
+
+  with fake implementations (shapes only) and registered autograd, so ``torch.compile(
+  fullgraph=True)`` traces through them without graph breaks and ``torch.library.opcheck``
+  passes. ``backend`` is a plain string argument: the op body hands the call to that backend.
+  ``z`` (the routed rank-space activations, in the accumulation dtype) is the only
+  intermediate the backward keeps: it costs N * (R_t + R_i) values, not N * D.
+  ``nbr_t`` is an input of the forward op only so that the autograd context can keep it.
+
+* :func:`moss_linear`, the public function: validates, flattens the leading dims of ``x``,
+  picks the backend and calls the op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .reference import accumulation_dtype
+from .routing import RoutingPlan
+
+__all__ = ["moss_linear"]
+
+
+@torch.library.custom_op("moss::linear_fwd", mutates_args=())
+def linear_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, text_A: Tensor, text_B: Tensor,
+    image_A: Tensor, image_B: Tensor, route: Tensor, nbr: Tensor, nbr_t: Tensor,
+    text_scale: float, image_scale: float, backend: str,
+) -> tuple[Tensor, Tensor]:
+    impl = backends.implementation(backend)
+    return impl.forward(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr,
+                        text_scale, image_scale)
+
+
+@linear_fwd.register_fake
+def _linear_fwd_fake(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr, nbr_t,
+                     text_scale, image_scale, backend):
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    z = x.new_empty(x.shape[0], text_A.shape[0] + image_A.shape[0],
+                    dtype=accumulation_dtype(x.dtype))
+    return y, z
+
+
+@torch.library.custom_op("moss::linear_bwd", mutates_args=())
+def linear_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, text_A: Tensor, text_B: Tensor, image_A: Tensor,
+    image_B: Tensor, z: Tensor, route: Tensor, nbr_t: Tensor, text_scale: float,
+    image_scale: float, need_dx: bool, need_dweight: bool, need_dbias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = backends.implementation(backend)
+    return impl.backward(dy, x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
+                         text_scale, image_scale, need_dx, need_dweight, need_dbias)
+
+
+@linear_bwd.register_fake
+def _linear_bwd_fake(dy, x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
+                     text_scale, image_scale, need_dx, need_dweight, need_dbias, backend):
+    return (
+        torch.empty_like(x) if need_dx else x.new_empty(0),
+        torch.empty_like(weight) if need_dweight else x.new_empty(0),
+        weight.new_empty(weight.shape[0]) if need_dbias else x.new_empty(0),
+        torch.empty_like(text_A), torch.empty_like(text_B),
+        torch.empty_like(image_A), torch.empty_like(image_B),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, text_A, text_B, image_A, image_B, route, _nbr, nbr_t,
+     text_scale, image_scale, backend) = inputs
+    ctx.save_for_backward(x, weight, text_A, text_B, image_A, image_B, output[1], route, nbr_t)
+    ctx.scales = (text_scale, image_scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, _dz):
+    x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    # The incoming gradient may be expanded (stride 0, from y.sum()) or non-contiguous.
+    dx, dw, db, da_t, db_t, da_i, db_i = linear_bwd(
+        dy.contiguous(), x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
+        *ctx.scales, need[0], need[1], need[2], ctx.backend,
+    )
+    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+            da_t, db_t, da_i, db_i, None, None, None, None, None, None)
+
+
+linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moss_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    plan: RoutingPlan,
+    text_A: Tensor | None = None,
+    text_B: Tensor | None = None,
+    image_A: Tensor | None = None,
+    image_B: Tensor | None = None,
+    text_scale: float = 1.0,
+    image_scale: float = 1.0,
+    backend: str | None = None,
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` plus the MOSS adapters, routed per token by ``plan``.
+
+    Args:
+        x: ``[..., D_in]``; the leading dims flatten to the plan's N tokens.
+        weight, bias: the frozen layer, ``[D_out, D_in]`` and ``[D_out]`` (or None).
+        plan: a :class:`RoutingPlan` for this batch layout, on ``x``'s device.
+        text_A, text_B: text LoRA ``[R_t, D_in]``, ``[D_out, R_t]``; None for no text adapter.
+        image_A, image_B: image ConvLoRA ``[R_i, D_in, K, K]`` (``nn.Conv2d`` weight layout,
+            ``K = plan.kernel_size``), ``[D_out, R_i]``; None for no image adapter.
+        text_scale, image_scale: ``alpha / r`` of each adapter.
+        backend: ``reference``, ``cpu``, ``cuda``, ``triton`` or None (see
+            :mod:`moss_kernels.backends`).
+
+    Returns:
+        ``[..., D_out]`` in ``x.dtype``.
+    """
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, dtype=x.dtype, device=x.device, dims=(2,))
+    d_out, d_in = weight.shape
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"x: expected last dim D_in={d_in} (weight is [{d_out}, {d_in}]), got "
+                         f"shape {tuple(x.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, dtype=x.dtype, device=x.device, shape=(d_out,))
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan: expected a moss_kernels.RoutingPlan, got {type(plan).__name__}")
+    if plan.device != x.device:
+        raise ValueError(f"plan: on {plan.device} but x is on {x.device}; use plan.to(x.device)")
+    k = plan.kernel_size
+    text_A, text_B = _adapter("text", text_A, text_B, x, d_in, d_out, ())
+    image_A, image_B = _adapter("image", image_A, image_B, x, d_in, d_out, (k, k))
+    for name, scale in (("text_scale", text_scale), ("image_scale", image_scale)):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {type(scale).__name__}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in)
+    if x2.shape[0] != plan.num_tokens:
+        raise ValueError(f"x: its leading dims {tuple(lead)} hold {x2.shape[0]} tokens but the "
+                         f"plan was built for {plan.num_tokens} (layout {plan.shape})")
+    name = backends.resolve(backend, x.device.type)
+    y, _ = linear_fwd(x2, weight, bias, text_A, text_B, image_A, image_B, plan.route, plan.nbr,
+                      plan.nbr_t, float(text_scale), float(image_scale), name)
+    return y.view(*lead, d_out)
+
+
+def _check_tensor(name, t, dtype=None, device=None, dims=None, shape=None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} like x, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device} like x, got {t.device}")
+    if dims is not None and t.dim() not in dims:
+        raise ValueError(f"{name}: expected {dims[0]} dims, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
+def _adapter(kind, a, b, x, d_in, d_out, window):
+    """Validate one adapter pair; an absent adapter becomes rank 0 (no work, no gradient)."""
+    a_name, b_name = f"{kind}_A", f"{kind}_B"
+    if (a is None) != (b is None):
+        given, missing = (a_name, b_name) if b is None else (b_name, a_name)
+        raise ValueError(f"{missing}: must be given together with {given} (or both None)")
+    if a is None:
+        return x.new_zeros(0, d_in, *window), x.new_zeros(d_out, 0)
+    _check_tensor(a_name, a, dtype=x.dtype, device=x.device, dims=(2 + len(window),))
+    r = a.shape[0]
+    if tuple(a.shape[1:]) != (d_in, *window):
+        what = "[R, D_in, K, K] with K = plan.kernel_size" if window else "[R, D_in]"
+        raise ValueError(f"{a_name}: expected {what} = [{r}, {d_in}{''.join(f', {w}' for w in window)}]"
+                         f", got {tuple(a.shape)}")
+    _check_tensor(b_name, b, dtype=x.dtype, device=x.device, shape=(d_out, r))
+    return a, b

@@ -1,0 +1,399 @@
+"""RoutingPlan: the per-token modality route and the k x k window gather tables.
+
+A plan is built once per forward from the batch layout and shared by every adapted layer, so
+that no kernel ever looks at masks, spans or grid geometry again: kernels only read
+
+    route  [N] int8         -1 padding (base layer only), 0 text (linear LoRA), 1 image (ConvLoRA)
+    nbr    [N, K*K] int32   source token of each conv tap of token t, -1 if none
+    nbr_t  [N, K*K] int32   its transpose: the token t with nbr[t, tap] == s, -1 if none
+
+Tap ``tap = p*K + q`` multiplies ``image_A[:, :, p, q]`` (``nn.Conv2d`` weight layout), and reads
+the token at grid position ``(row + p - o, col + q - o)`` of the same image, with ``o = K-1`` when
+causal (zero padding K-1 on the top and left: a token sees itself and tokens above / to its
+left) and ``o = (K-1)//2`` otherwise (``F.conv2d(padding="same")``). A neighbour outside the grid,
+or not present because the image is partial, contributes zero. For a fixed tap the map
+``t -> nbr[t, tap]`` is a shift inside one image, hence injective, so ``nbr_t`` is well defined and
+the backward can gather instead of scatter-add (deterministic, no atomics).
+
+Images. ``images [n_img, 3] int64`` rows ``(start, height, width)``; ``start`` is the flat token
+index (``b*T + t`` for a batched ``[B, T]`` layout). An image's tokens are the
+``min(height*width, run)`` tokens from ``start``, ``run`` being the number of consecutive image
+tokens there, stopped at the sequence end. So images may sit back to back and the last one of a
+run may be partial (still being generated, or truncated).
+
+Everything is built with vectorised tensor operations on the input's device: no Python loop over
+tokens or images, no host synchronisation except in validation (``validate=False`` skips it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+ROUTE_PAD, ROUTE_TEXT, ROUTE_IMAGE = -1, 0, 1
+
+__all__ = ["RoutingPlan", "ROUTE_PAD", "ROUTE_TEXT", "ROUTE_IMAGE"]
+
+
+class RoutingPlan:
+    """Routes and conv-window gather tables for one batch layout (see the module docstring).
+
+    Build it with :meth:`from_spans` (explicit layouts) or :meth:`from_input_ids` (token-id
+    based backbones such as Chameleon); move it with :meth:`to`.
+    """
+
+    def __init__(
+        self,
+        route: Tensor,
+        nbr: Tensor,
+        nbr_t: Tensor,
+        kernel_size: int,
+        causal: bool,
+        shape: tuple[int, ...],
+        images: Tensor | None = None,
+        image_start: Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ):
+        self.route = route  # [N] int8
+        self.nbr = nbr  # [N, K*K] int32
+        self.nbr_t = nbr_t  # [N, K*K] int32
+        self.kernel_size = kernel_size
+        self.causal = causal
+        self.shape = shape  # the layout's shape: (N,) or (B, T)
+        # Either the explicit span table, or (for from_input_ids) each token's image start and
+        # the common grid, from which the table is derived on first use (it needs a host sync).
+        self._images = images
+        self._image_start = image_start
+        self._grid = grid
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_tokens(self) -> int:
+        return self.route.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.route.device
+
+    @property
+    def images(self) -> Tensor:
+        """``[n_img, 3] int64`` rows ``(start, height, width)``, sorted by start."""
+        if self._images is None:
+            t = torch.arange(self.num_tokens, device=self.device)
+            first = (self.route == ROUTE_IMAGE) & (self._image_start == t)
+            starts = first.nonzero().flatten()
+            h, w = self._grid
+            self._images = torch.stack(
+                [starts, torch.full_like(starts, h), torch.full_like(starts, w)], dim=1
+            )
+        return self._images
+
+    def to(self, device: torch.device | str) -> RoutingPlan:
+        """A copy of the plan on ``device`` (the tables are small: N * (1 + 8 K^2) bytes)."""
+        move = lambda v: None if v is None else v.to(device)  # noqa: E731
+        return RoutingPlan(
+            move(self.route), move(self.nbr), move(self.nbr_t), self.kernel_size, self.causal,
+            self.shape, move(self._images), move(self._image_start), self._grid,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RoutingPlan(shape={tuple(self.shape)}, kernel_size={self.kernel_size}, "
+            f"causal={self.causal}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_spans(
+        cls,
+        route: Tensor,
+        images: Tensor | Sequence[Sequence[int]],
+        kernel_size: int = 2,
+        causal: bool = True,
+        cu_seqlens: Tensor | Sequence[int] | None = None,
+        validate: bool = True,
+    ) -> RoutingPlan:
+        """Plan for an explicit layout.
+
+        Args:
+            route: ``[N]`` or ``[B, T]`` integer tensor of -1 (padding), 0 (text), 1 (image).
+            images: ``[n_img, 3]`` rows ``(start, height, width)``, ``start`` a flat token index
+                (``b*T + t`` for ``[B, T]``); any order.
+            kernel_size: K of the K x K image convolution, >= 1.
+            causal: top/left window (exact for autoregressive generation) or centred.
+            cu_seqlens: for a flat ``[N]`` layout that packs several sequences, their cumulative
+                lengths ``[0, n_0, n_0 + n_1, ..., N]``; an image never crosses one of these
+                boundaries. For ``[B, T]`` each row is a sequence.
+            validate: check consistency (costs host synchronisations); off on hot paths.
+        """
+        _check_window(kernel_size, causal)
+        if not isinstance(route, Tensor):
+            raise TypeError(f"route: expected a torch.Tensor, got {type(route).__name__}")
+        if route.dim() not in (1, 2) or route.dtype.is_floating_point or route.dtype == torch.bool:
+            raise ValueError(
+                f"route: expected an integer tensor of shape [N] or [B, T], got dtype "
+                f"{route.dtype} and shape {tuple(route.shape)}"
+            )
+        device = route.device
+        images = torch.as_tensor(images, dtype=torch.int64, device=device)
+        if images.numel() == 0:
+            images = images.reshape(0, 3)
+        if images.dim() != 2 or images.shape[1] != 3:
+            raise ValueError(
+                f"images: expected shape [n_img, 3] with rows (start, height, width), got "
+                f"{tuple(images.shape)}"
+            )
+        shape = tuple(route.shape)
+        flat = route.reshape(-1)
+        n = flat.numel()
+        seq_end = _sequence_ends(shape, cu_seqlens, device, validate)
+        if validate:
+            _check_route_values(flat, shape)
+            _check_spans_in_range(images, n)
+
+        is_img = flat == ROUTE_IMAGE
+        t = torch.arange(n, device=device)
+        order = torch.argsort(images[:, 0], stable=True)
+        start_s, h_s, w_s = images[order].t().contiguous()
+        run_end = _run_ends(is_img, seq_end)
+        length_s = torch.minimum(h_s * w_s, run_end[start_s.clamp(0, max(n - 1, 0))] - start_s)
+
+        if images.shape[0] == 0:
+            covered = torch.zeros_like(is_img)
+            tok_start = tok_len = t
+            tok_h = tok_w = torch.ones_like(t)
+        else:
+            idx = torch.searchsorted(start_s, t, right=True) - 1  # last image starting at <= t
+            safe = idx.clamp(min=0)
+            tok_start, tok_len, tok_h, tok_w = start_s[safe], length_s[safe], h_s[safe], w_s[safe]
+            covered = (idx >= 0) & (t < tok_start + tok_len)
+
+        if validate:
+            _check_span_starts(flat, shape, images)
+            _check_overlaps(order, start_s, length_s, shape)
+            _check_covered(is_img, covered, shape)
+
+        nbr, nbr_t = _window_tables(
+            is_img & covered, tok_start, tok_len, tok_h, tok_w, kernel_size, causal
+        )
+        return cls(
+            flat.to(torch.int8), nbr, nbr_t, kernel_size, causal, shape,
+            images=torch.stack([start_s, h_s, w_s], dim=1),
+        )
+
+    @classmethod
+    def from_input_ids(
+        cls,
+        input_ids: Tensor,
+        image_token_ids: Tensor | Iterable[int],
+        grid: tuple[int, int],
+        attention_mask: Tensor | None = None,
+        kernel_size: int = 2,
+        causal: bool = True,
+        validate: bool = True,
+    ) -> RoutingPlan:
+        """Plan for a token-based backbone: image tokens are recognised by id.
+
+        Tokens whose id is in ``image_token_ids`` are image tokens, others text; positions
+        where ``attention_mask`` is 0 are padding. Each run of consecutive image tokens is cut
+        into consecutive ``grid = (H, W)`` images; the last one may be partial.
+        """
+        _check_window(kernel_size, causal)
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() not in (1, 2) or input_ids.dtype.is_floating_point:
+            raise ValueError(
+                f"input_ids: expected an integer tensor of shape [T] or [B, T], got dtype "
+                f"{input_ids.dtype} and shape {tuple(input_ids.shape)}"
+            )
+        if (
+            not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+        ):
+            raise ValueError(f"grid: expected (height, width) with positive ints, got {grid!r}")
+        device = input_ids.device
+        ids = torch.as_tensor(
+            list(image_token_ids) if not isinstance(image_token_ids, Tensor) else image_token_ids,
+            dtype=input_ids.dtype, device=device,
+        ).reshape(-1)
+        shape = tuple(input_ids.shape)
+        flat_ids = input_ids.reshape(-1)
+        route = torch.isin(flat_ids, ids).to(torch.int8)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != shape:
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(
+                    attention_mask).__name__
+                raise ValueError(f"attention_mask: expected shape {shape} like input_ids, got {got}")
+            mask = attention_mask.reshape(-1).to(device)
+            if validate and not bool(((mask == 0) | (mask == 1)).all()):
+                bad = int(((mask != 0) & (mask != 1)).nonzero()[0])
+                raise ValueError(
+                    f"attention_mask{_index(bad, shape)} = {mask[bad].item()}: expected 0 or 1"
+                )
+            route = torch.where(mask == 0, torch.full_like(route, ROUTE_PAD), route)
+
+        n = route.numel()
+        h, w = int(grid[0]), int(grid[1])
+        seq_end = _sequence_ends(shape, None, device, validate)
+        is_img = route == ROUTE_IMAGE
+        t = torch.arange(n, device=device)
+        seq_start = seq_end - (shape[-1] if len(shape) == 2 else n)
+        prev_img = torch.cat([is_img.new_zeros(1), is_img[:-1]])
+        run_head = is_img & ((t == seq_start) | ~prev_img)
+        run_start = torch.cummax(torch.where(run_head, t, torch.full_like(t, -1)), dim=0).values
+        tok_start = run_start + (t - run_start) // (h * w) * (h * w)
+        tok_len = torch.clamp(_run_ends(is_img, seq_end) - tok_start, max=h * w)
+        full = torch.full_like(t, 1)
+        nbr, nbr_t = _window_tables(is_img, tok_start, tok_len, full * h, full * w,
+                                    kernel_size, causal)
+        return cls(route, nbr, nbr_t, kernel_size, causal, shape,
+                   image_start=tok_start, grid=(h, w))
+
+
+# ---------------------------------------------------------------------- construction helpers
+def _window_tables(
+    is_img: Tensor, start: Tensor, length: Tensor, height: Tensor, width: Tensor,
+    k: int, causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """``nbr``/``nbr_t`` from each token's image geometry (values of non-image tokens ignored).
+
+    All inputs ``[N]``; ``start``/``length`` the token's image span, ``height``/``width`` its grid.
+    """
+    n, kk = is_img.numel(), k * k
+    device = is_img.device
+    t = torch.arange(n, device=device)
+    width = width.clamp(min=1)
+    pos = t - start
+    row, col = pos // width, pos % width
+    off = torch.arange(k, device=device) - (k - 1 if causal else (k - 1) // 2)
+    d_row = off.view(k, 1).expand(k, k).reshape(1, kk)  # tap = p*K + q
+    d_col = off.view(1, k).expand(k, k).reshape(1, kk)
+    r = row[:, None] + d_row  # [N, KK]
+    c = col[:, None] + d_col
+    src_pos = r * width[:, None] + c
+    valid = (
+        is_img[:, None] & (r >= 0) & (r < height[:, None]) & (c >= 0) & (c < width[:, None])
+        & (src_pos < length[:, None])
+    )
+    src = start[:, None] + src_pos
+    nbr = torch.where(valid, src, torch.full_like(src, -1))
+    # Transpose without a data-dependent mask: invalid entries all write one dump slot, dropped.
+    slot = torch.where(valid, src * kk + torch.arange(kk, device=device), n * kk)
+    buf = torch.full((n * kk + 1,), -1, dtype=torch.int64, device=device)
+    buf.index_put_((slot.reshape(-1),), t.repeat_interleave(kk))
+    nbr_t = buf[: n * kk].view(n, kk)
+    return nbr.to(torch.int32), nbr_t.to(torch.int32)
+
+
+def _run_ends(is_img: Tensor, seq_end: Tensor) -> Tensor:
+    """For each token, the index of the first token at or after it that ends an image run."""
+    n = is_img.numel()
+    t = torch.arange(n, device=is_img.device)
+    stop = torch.where(is_img, torch.full_like(t, n), t)
+    next_stop = torch.flip(torch.cummin(torch.flip(stop, [0]), dim=0).values, [0])
+    return torch.minimum(next_stop, seq_end)
+
+
+def _sequence_ends(
+    shape: tuple[int, ...], cu_seqlens, device: torch.device, validate: bool
+) -> Tensor:
+    """``[N]``: the end (exclusive flat index) of the sequence holding each token."""
+    n = 1
+    for s in shape:
+        n *= s
+    t = torch.arange(n, device=device)
+    if len(shape) == 2:
+        if cu_seqlens is not None:
+            raise ValueError(
+                "cu_seqlens: only for a flat [N] layout; a [B, T] route has one sequence per row"
+            )
+        return (t // shape[1] + 1) * shape[1]
+    if cu_seqlens is None:
+        return torch.full_like(t, n)
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64, device=device).reshape(-1)
+    if validate:
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu.diff() < 0).any()):
+            raise ValueError(
+                f"cu_seqlens: expected non-decreasing offsets from 0 to N={n}, got "
+                f"{cu.tolist()}"
+            )
+    return cu[torch.searchsorted(cu, t, right=True).clamp(max=cu.numel() - 1)]
+
+
+def _check_window(kernel_size, causal) -> None:
+    if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1:
+        raise ValueError(f"kernel_size: expected an int >= 1, got {kernel_size!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+
+
+# ---------------------------------------------------------------------- validation
+def _index(flat: int, shape: tuple[int, ...]) -> str:
+    """Name a flat token index in the caller's layout: ``[t]`` or ``[b, t]``."""
+    return f"[{flat // shape[1]}, {flat % shape[1]}]" if len(shape) == 2 else f"[{flat}]"
+
+
+def _first(mask: Tensor) -> int:
+    return int(mask.nonzero()[0, 0])
+
+
+def _check_route_values(flat: Tensor, shape) -> None:
+    bad = (flat < ROUTE_PAD) | (flat > ROUTE_IMAGE)
+    if bool(bad.any()):
+        i = _first(bad)
+        raise ValueError(
+            f"route{_index(i, shape)} = {flat[i].item()}: expected -1 (padding), 0 (text) "
+            f"or 1 (image)"
+        )
+
+
+def _check_spans_in_range(images: Tensor, n: int) -> None:
+    bad_size = (images[:, 1] < 1) | (images[:, 2] < 1)
+    if bool(bad_size.any()):
+        i = _first(bad_size)
+        raise ValueError(
+            f"images[{i}] = {images[i].tolist()}: height and width must be >= 1"
+        )
+    bad_start = (images[:, 0] < 0) | (images[:, 0] >= n)
+    if bool(bad_start.any()):
+        i = _first(bad_start)
+        raise ValueError(
+            f"images[{i}] = {images[i].tolist()}: start is outside the {n} tokens"
+        )
+
+
+def _check_span_starts(flat: Tensor, shape, images: Tensor) -> None:
+    not_img = flat[images[:, 0]] != ROUTE_IMAGE
+    if bool(not_img.any()):
+        i = _first(not_img)
+        s = int(images[i, 0])
+        raise ValueError(
+            f"images[{i}] starts at token {s} (route{_index(s, shape)} = {flat[s].item()}), "
+            f"which is not an image token"
+        )
+
+
+def _check_overlaps(order: Tensor, start_s: Tensor, length_s: Tensor, shape) -> None:
+    if start_s.numel() < 2:
+        return
+    clash = start_s[1:] < start_s[:-1] + length_s[:-1]
+    if bool(clash.any()):
+        j = _first(clash)
+        a, b = int(order[j]), int(order[j + 1])
+        s, e = int(start_s[j]), int(start_s[j] + length_s[j])
+        raise ValueError(
+            f"images[{b}] starts at token {int(start_s[j + 1])}, inside images[{a}] "
+            f"(tokens {s}..{e - 1}): image spans overlap"
+        )
+
+
+def _check_covered(is_img: Tensor, covered: Tensor, shape) -> None:
+    stray = is_img & ~covered
+    if bool(stray.any()):
+        i = _first(stray)
+        raise ValueError(
+            f"route{_index(i, shape)} is an image token outside every image span (an image "
+            f"holds at most height*width tokens and never crosses a sequence boundary)"
+        )

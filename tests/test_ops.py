@@ -1,0 +1,166 @@
+"""The shared custom ops: opcheck, torch.compile, backend dispatch, argument validation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moss_kernels as mk
+from moss_kernels import backends
+from moss_kernels.linear import linear_bwd, linear_fwd
+from conftest import make_params, random_layout, special_layouts
+
+NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
+
+
+def _setup(gen, dtype=torch.float32, seed=11, k=2, bias=True):
+    layout = random_layout(seed, p_image=0.6)
+    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
+                                     cu_seqlens=layout.cu_seqlens)
+    return layout, plan, make_params(gen, layout.n, 9, 6, 3, 4, k, dtype=dtype, bias=bias)
+
+
+def _fwd_args(p, plan, x=None):
+    return (p["x"] if x is None else x, p["weight"], p["bias"], p["text_A"], p["text_B"],
+            p["image_A"], p["image_B"], plan.route, plan.nbr, plan.nbr_t, 0.5, 2.0, "reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_forward(gen, dtype, bias):
+    _, plan, p = _setup(gen, dtype, bias=bias)
+    for name in ("text_A", "text_B", "image_A", "image_B"):
+        p[name].requires_grad_()
+    torch.library.opcheck(linear_fwd, _fwd_args(p, plan))
+    # A non-contiguous x (a transposed copy) must give the same answer.
+    x_t = p["x"].t().contiguous().t()
+    torch.library.opcheck(linear_fwd, _fwd_args(p, plan, x=x_t))
+
+
+def test_opcheck_backward(gen):
+    _, plan, p = _setup(gen)
+    y, z = linear_fwd(*_fwd_args(p, plan))
+    dy = torch.randn(y.shape, generator=gen).expand_as(y)
+    for need in [(True, True, True), (False, False, False), (True, False, True)]:
+        args = (dy.contiguous(), p["x"], p["weight"], p["text_A"], p["text_B"], p["image_A"],
+                p["image_B"], z, plan.route, plan.nbr_t, 0.5, 2.0, *need, "reference")
+        torch.library.opcheck(linear_bwd, args)
+
+
+def test_backward_accepts_an_expanded_gradient(gen):
+    """``y.sum()`` hands the backward a stride-0 gradient; it must read it correctly."""
+    _, plan, p = _setup(gen, torch.float64)
+    x = p["x"].clone().requires_grad_()
+    mk.moss_linear(x, p["weight"], p["bias"], plan, p["text_A"], p["text_B"], p["image_A"],
+                   p["image_B"]).sum().backward()
+    x2 = p["x"].clone().requires_grad_()
+    y = mk.moss_linear(x2, p["weight"], p["bias"], plan, p["text_A"], p["text_B"],
+                       p["image_A"], p["image_B"])
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, x2.grad)
+
+
+def test_torch_compile_fullgraph_parity(gen):
+    _, plan, p = _setup(gen)
+
+    def step(x, weight, bias, text_A, text_B, image_A, image_B):
+        y = mk.moss_linear(x, weight, bias, plan, text_A, text_B, image_A, image_B, 0.5, 2.0)
+        return F.gelu(y)
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="inductor")):
+        leaves = [p[n].clone().requires_grad_(n != "weight") for n in NAMES]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        grads.append([out.detach()] + [v.grad for v in leaves if v.requires_grad])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_leading_dims_flatten(gen):
+    layout = special_layouts()[1]  # [2, 6]
+    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans())
+    p = make_params(gen, layout.n, 5, 4, 2, 2, 2, dtype=torch.float32)
+    adapters = [p[n] for n in NAMES[3:]]
+    flat = mk.moss_linear(p["x"], p["weight"], p["bias"], plan, *adapters)
+    for shape in [(2, 6, 5), (12, 5), (2, 3, 2, 5)]:
+        y = mk.moss_linear(p["x"].reshape(shape), p["weight"], p["bias"], plan, *adapters)
+        assert y.shape == (*shape[:-1], 4)
+        assert torch.equal(y.reshape(12, 4), flat)
+
+
+# ------------------------------------------------------------------------- backend dispatch
+def test_available_backends_and_default():
+    names = mk.available_backends()
+    assert "reference" in names and set(names) <= set(backends.BACKENDS)
+    assert mk.available_backends("cpu") == [n for n in names if backends.runs_on(n, "cpu")]
+    first = next(n for n in backends.DEFAULT_ORDER["cpu"] if n in mk.available_backends("cpu"))
+    assert backends.resolve(None, "cpu") == first
+
+
+def test_environment_variable_selects_the_backend(monkeypatch, gen):
+    _, plan, p = _setup(gen)
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.resolve(None, "cpu") == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "auto")
+    assert backends.resolve(None, "cpu") == backends.resolve(None, "cpu")
+    monkeypatch.setenv(backends.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=r"MOSS_KERNELS_BACKEND='fastest': expected one of"):
+        mk.moss_linear(p["x"], p["weight"], None, plan)
+    # The argument wins over the environment.
+    y = mk.moss_linear(p["x"], p["weight"], None, plan, backend="reference")
+    torch.testing.assert_close(y, F.linear(p["x"], p["weight"]))
+
+
+def test_unknown_and_unavailable_backends_say_why(gen):
+    _, plan, p = _setup(gen)
+    with pytest.raises(ValueError, match=r"backend='fast': expected one of reference, cpu"):
+        mk.moss_linear(p["x"], p["weight"], None, plan, backend="fast")
+    for name in backends.BACKENDS:
+        reason = backends.unavailable_reason(name)
+        if reason is None:
+            continue
+        with pytest.raises(mk.BackendUnavailableError, match=f"backend '{name}' is not available: "):
+            mk.moss_linear(p["x"], p["weight"], None, plan, backend=name)
+        assert reason  # a non-empty explanation
+
+
+# ------------------------------------------------------------------------- argument errors
+def _call(p, plan_, **over):
+    args = {n: p[n] for n in NAMES} | {"plan": plan_} | over
+    return mk.moss_linear(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("plan"),
+                          **args)
+
+
+@pytest.mark.parametrize("over,error,match", [
+    (lambda p: {"x": p["x"].tolist()}, TypeError, r"x: expected a torch.Tensor, got list"),
+    (lambda p: {"x": p["x"].long()}, TypeError, r"x: expected a floating-point tensor"),
+    (lambda p: {"weight": p["weight"].double()}, TypeError,
+     r"weight: expected dtype torch.float32 like x, got torch.float64"),
+    (lambda p: {"weight": p["weight"][0]}, ValueError, r"weight: expected 2 dims"),
+    (lambda p: {"x": p["x"][:, :-1]}, ValueError, r"x: expected last dim D_in=9"),
+    (lambda p: {"bias": p["bias"][:-1]}, ValueError, r"bias: expected shape \(6,\)"),
+    (lambda p: {"plan": "plan"}, TypeError, r"plan: expected a moss_kernels.RoutingPlan"),
+    (lambda p: {"x": p["x"][:-1]}, ValueError, r"x: its leading dims \(\d+,\) hold \d+ tokens"),
+    (lambda p: {"text_B": None}, ValueError, r"text_B: must be given together with text_A"),
+    (lambda p: {"image_A": None}, ValueError, r"image_A: must be given together with image_B"),
+    (lambda p: {"text_A": p["text_A"][:, :-1]}, ValueError, r"text_A: expected \[R, D_in\]"),
+    (lambda p: {"text_B": p["text_B"][:, :-1]}, ValueError, r"text_B: expected shape \(6, 3\)"),
+    (lambda p: {"image_A": p["image_A"][..., :1, :1]}, ValueError,
+     r"image_A: expected \[R, D_in, K, K\] with K = plan.kernel_size"),
+    (lambda p: {"image_A": p["image_A"][:, :, 0]}, ValueError, r"image_A: expected 4 dims"),
+    (lambda p: {"image_B": p["image_B"].half()}, TypeError, r"image_B: expected dtype"),
+    (lambda p: {"text_scale": "2"}, TypeError, r"text_scale: expected a float, got str"),
+    (lambda p: {"image_scale": True}, TypeError, r"image_scale: expected a float, got bool"),
+])
+def test_argument_errors(gen, over, error, match):
+    _, plan, p = _setup(gen)
+    with pytest.raises(error, match=match):
+        _call(p, plan, **over(p))
+
+
+def test_device_mismatch_is_an_error(gen):
+    _, plan, p = _setup(gen)
+    with pytest.raises(ValueError, match=r"plan: on meta but x is on cpu; use plan.to\(x.device\)"):
+        _call(p, plan.to("meta"))
+    with pytest.raises(ValueError, match=r"weight: expected device cpu like x, got meta"):
+        _call(p, plan, weight=p["weight"].to("meta"))

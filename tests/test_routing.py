@@ -1,0 +1,178 @@
+"""RoutingPlan: tables against a brute-force construction, both constructors, every error."""
+
+import pytest
+import torch
+
+from moss_kernels import RoutingPlan
+from conftest import Layout, random_layout, special_layouts
+
+LAYOUTS = [random_layout(seed) for seed in range(40)] + special_layouts()
+WINDOWS = [(1, True), (2, True), (3, True), (2, False), (3, False)]
+
+
+def brute_force_tables(layout: Layout, k: int, causal: bool):
+    """nbr and nbr_t by walking every image's grid, one token and one tap at a time."""
+    nbr = [[-1] * (k * k) for _ in range(layout.n)]
+    nbr_t = [[-1] * (k * k) for _ in range(layout.n)]
+    o = k - 1 if causal else (k - 1) // 2
+    for start, h, w, present in layout.images:
+        cell = {divmod(i, w): start + i for i in range(present)}  # (row, col) -> token
+        for (row, col), t in cell.items():
+            for p in range(k):
+                for q in range(k):
+                    s = cell.get((row + p - o, col + q - o))
+                    if s is not None:
+                        nbr[t][p * k + q] = s
+                        nbr_t[s][p * k + q] = t
+    return torch.tensor(nbr, dtype=torch.int32), torch.tensor(nbr_t, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("k,causal", WINDOWS)
+@pytest.mark.parametrize("index", range(len(LAYOUTS)))
+def test_from_spans_matches_brute_force(index, k, causal):
+    layout = LAYOUTS[index]
+    plan = RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
+                                  causal=causal, cu_seqlens=layout.cu_seqlens)
+    nbr, nbr_t = brute_force_tables(layout, k, causal)
+    assert plan.route.dtype == torch.int8 and plan.route.tolist() == layout.route
+    assert plan.nbr.dtype == torch.int32 and plan.nbr_t.dtype == torch.int32
+    assert torch.equal(plan.nbr.reshape(-1, k * k), nbr.reshape(-1, k * k))
+    assert torch.equal(plan.nbr_t.reshape(-1, k * k), nbr_t.reshape(-1, k * k))
+    assert plan.images.tolist() == sorted(list(im[:3]) for im in layout.images)
+    assert plan.num_tokens == layout.n and plan.shape == layout.shape
+
+
+def test_spans_in_any_order_and_validate_off_give_the_same_plan():
+    layout = special_layouts()[3]
+    spans = layout.spans()
+    a = RoutingPlan.from_spans(layout.route_tensor(), spans)
+    b = RoutingPlan.from_spans(layout.route_tensor(), spans.flip(0), validate=False)
+    assert torch.equal(a.nbr, b.nbr) and torch.equal(a.nbr_t, b.nbr_t)
+    assert torch.equal(a.images, b.images)
+
+
+def test_construction_never_syncs_with_the_host():
+    """On the meta device any .item(), bool() or data-dependent shape would raise."""
+    layout = special_layouts()[4]
+    plan = RoutingPlan.from_spans(layout.route_tensor().to("meta"), layout.spans().to("meta"),
+                                  cu_seqlens=torch.tensor(layout.cu_seqlens, device="meta"),
+                                  validate=False)
+    assert plan.nbr.device.type == "meta" and plan.nbr.shape == (layout.n, 4)
+    ids = torch.zeros(2, 9, dtype=torch.int64, device="meta")
+    plan = RoutingPlan.from_input_ids(ids, [5, 6], (2, 2), attention_mask=torch.ones_like(ids),
+                                      kernel_size=3, validate=False)
+    assert plan.nbr_t.shape == (18, 9)
+
+
+def _ids_for(layout: Layout, image_ids=(7, 8, 9)):
+    """Token ids realising a layout: image tokens cycle through ``image_ids``, text is 1..3."""
+    ids = [(t % 3) + 1 if r != 1 else image_ids[t % len(image_ids)]
+           for t, r in enumerate(layout.route)]
+    mask = [0 if r == -1 else 1 for r in layout.route]
+    return (torch.tensor(ids).reshape(layout.shape), torch.tensor(mask).reshape(layout.shape))
+
+
+@pytest.mark.parametrize("k,causal", WINDOWS)
+@pytest.mark.parametrize("seed", range(12))
+def test_from_input_ids_cuts_runs_into_grids(seed, k, causal):
+    """A random token stream with one grid: every image-token run is cut into H x W images."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
+    b, t = 2, 23
+    kind = torch.randint(0, 10, (b, t), generator=gen)  # 0-1 pad, 2-4 text, 5-9 image
+    route = torch.where(kind < 2, -1, torch.where(kind < 5, 0, 1))
+    # Images: cut each run of 1s (per row) into consecutive H*W chunks.
+    images = []
+    for row in range(b):
+        run = 0
+        for col in range(t + 1):
+            if col < t and route[row, col] == 1:
+                run += 1
+                continue
+            for s in range(col - run, col, h * w):
+                images.append((row * t + s, h, w, min(h * w, col - s)))
+            run = 0
+    layout = Layout((b, t), route.flatten().tolist(), images)
+    ids, mask = _ids_for(layout)
+    plan = RoutingPlan.from_input_ids(ids, torch.tensor([7, 8, 9]), (h, w), attention_mask=mask,
+                                      kernel_size=k, causal=causal)
+    nbr, nbr_t = brute_force_tables(layout, k, causal)
+    assert plan.route.tolist() == layout.route
+    assert torch.equal(plan.nbr, nbr) and torch.equal(plan.nbr_t, nbr_t)
+    assert plan.images.tolist() == [list(im[:3]) for im in images]
+
+
+def test_from_input_ids_flat_and_without_mask():
+    plan = RoutingPlan.from_input_ids(torch.tensor([1, 9, 9, 9, 9, 9, 2]), [9], (2, 2))
+    assert plan.route.tolist() == [0, 1, 1, 1, 1, 1, 0]
+    assert plan.images.tolist() == [[1, 2, 2], [5, 2, 2]]
+    assert plan.nbr[5].tolist() == [-1, -1, -1, 5]  # a new image: no neighbours from the last
+
+
+def test_to_moves_every_table():
+    layout = special_layouts()[3]
+    plan = RoutingPlan.from_spans(layout.route_tensor(), layout.spans()).to("meta")
+    assert {plan.route.device.type, plan.nbr.device.type, plan.nbr_t.device.type,
+            plan.images.device.type} == {"meta"}
+    assert "RoutingPlan(shape=(10,)" in repr(plan)
+
+
+# ------------------------------------------------------------------------- validation errors
+R = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 0, 0, -1, -1]])
+OK_SPANS = [[1, 2, 2], [6, 1, 2]]
+
+
+@pytest.mark.parametrize("route,images,kwargs,error,match", [
+    (R.float(), OK_SPANS, {}, ValueError, r"route: expected an integer tensor"),
+    (R.bool(), OK_SPANS, {}, ValueError, r"route: expected an integer tensor"),
+    (R[None], OK_SPANS, {}, ValueError, r"shape \[N\] or \[B, T\]"),
+    ([0, 1], OK_SPANS, {}, TypeError, r"route: expected a torch.Tensor"),
+    (R.clone().index_put_((torch.tensor(1), torch.tensor(3)), torch.tensor(2)), OK_SPANS, {},
+     ValueError, r"route\[1, 3\] = 2: expected -1"),
+    (R, [[1, 2]], {}, ValueError, r"images: expected shape \[n_img, 3\]"),
+    (R, [[1, 0, 2], [6, 1, 2]], {}, ValueError, r"images\[0\] = \[1, 0, 2\]: height and width"),
+    (R, [[1, 2, 2], [12, 1, 2]], {}, ValueError, r"images\[1\] = \[12, 1, 2\]: start is outside"),
+    (R, [[1, 2, 2], [-1, 1, 2]], {}, ValueError, r"images\[1\].*start is outside"),
+    (R, [[0, 2, 2], [6, 1, 2]], {}, ValueError,
+     r"images\[0\] starts at token 0 \(route\[0, 0\] = 0\), which is not an image token"),
+    (R, [[6, 1, 2], [1, 2, 2], [3, 1, 1]], {}, ValueError,
+     r"images\[2\] starts at token 3, inside images\[1\] \(tokens 1..4\)"),
+    (R, [[1, 2, 2], [1, 1, 1], [6, 1, 2]], {}, ValueError, r"images\[1\] starts at token 1, inside images\[0\]"),
+    (R, [[1, 2, 2]], {}, ValueError, r"route\[1, 0\] is an image token outside every image span"),
+    (R, [[1, 1, 2], [6, 1, 2]], {}, ValueError, r"route\[0, 3\] is an image token outside"),
+    (R, OK_SPANS, {"cu_seqlens": [0, 12]}, ValueError, r"cu_seqlens: only for a flat"),
+    (R.flatten(), OK_SPANS, {"cu_seqlens": [0, 5, 11]}, ValueError, r"cu_seqlens: expected non-decreasing"),
+    (R.flatten(), OK_SPANS, {"cu_seqlens": [0, 7, 5, 12]}, ValueError, r"cu_seqlens: expected"),
+    (R, OK_SPANS, {"kernel_size": 0}, ValueError, r"kernel_size: expected an int >= 1, got 0"),
+    (R, OK_SPANS, {"kernel_size": 2.0}, ValueError, r"kernel_size"),
+    (R, OK_SPANS, {"causal": 1}, TypeError, r"causal: expected a bool"),
+])
+def test_from_spans_errors(route, images, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RoutingPlan.from_spans(route, images, **kwargs)
+
+
+def test_an_image_never_crosses_a_sequence_boundary():
+    route = torch.tensor([0, 1, 1, 1, 1, 1, 0])
+    RoutingPlan.from_spans(route, [[1, 1, 5]])  # one sequence: fine
+    with pytest.raises(ValueError, match=r"route\[4\] is an image token outside"):
+        RoutingPlan.from_spans(route, [[1, 1, 5]], cu_seqlens=[0, 4, 7])
+
+
+IDS = torch.tensor([[1, 9, 9, 2]])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(input_ids=IDS.float()), ValueError, r"input_ids: expected an integer tensor"),
+    (dict(input_ids=IDS.tolist()), TypeError, r"input_ids: expected a torch.Tensor"),
+    (dict(grid=(0, 2)), ValueError, r"grid: expected \(height, width\)"),
+    (dict(grid=(2,)), ValueError, r"grid"),
+    (dict(attention_mask=torch.ones(4)), ValueError, r"attention_mask: expected shape \(1, 4\)"),
+    (dict(attention_mask=torch.tensor([[1, 1, 2, 1]])), ValueError,
+     r"attention_mask\[0, 2\] = 2: expected 0 or 1"),
+    (dict(kernel_size=-1), ValueError, r"kernel_size"),
+])
+def test_from_input_ids_errors(kwargs, error, match):
+    args = dict(input_ids=IDS, image_token_ids=[9], grid=(2, 2)) | kwargs
+    with pytest.raises(error, match=match):
+        RoutingPlan.from_input_ids(**args)
