@@ -80,7 +80,8 @@ def forward(
     z = torch.cat([z_t, z_i], dim=1)
     b_cat = torch.cat([text_B.to(acc) * text_scale, image_B.to(acc) * image_scale], dim=1)
     y = torch.nn.functional.linear(xa, weight.to(acc), None if bias is None else bias.to(acc))
-    y = y + z @ b_cat.t()
+    # In place into the fresh y: the GEMM accumulates (beta = 1) instead of a second pass.
+    y.addmm_(z, b_cat.t())
     return y.to(x.dtype), z
 
 
@@ -103,7 +104,7 @@ def backward(
     dp = torch.cat([dp_t, dp_taps.flatten(1)], dim=1)
     a_all = stack_down(text_A, image_A).to(acc)
     d_text_A, d_image_A = split_down(dp.t() @ xa, r_t, image_A.shape)
-    dx = (dya @ weight.to(acc) + dp @ a_all).to(x.dtype) if need_dx else x.new_empty(0)
+    dx = (dya @ weight.to(acc)).addmm_(dp, a_all).to(x.dtype) if need_dx else x.new_empty(0)
     dw = (dya.t() @ xa).to(weight.dtype) if need_dweight else x.new_empty(0)
     db = dya.sum(0).to(weight.dtype) if need_dbias else x.new_empty(0)
     return (dx, dw, db, d_text_A.to(text_A.dtype), d_text_B,
