@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import moss_kernels as mk
-from moss_kernels import reference
+from moss_kernels.backends import implementation
 
 from .info import hardware
 
@@ -113,7 +113,8 @@ def run(shape: Shape, device: torch.device, dtype: torch.dtype, reps: int, warmu
         return mk.moss_linear(t["x"], t["weight"], t["bias"], plan, *(t[a] for a in adapters),
                               text_scale=2.0, image_scale=2.0, backend=backend)
 
-    backends = mk.available_backends(device)
+    backends = [n for n in mk.available_backends(device)
+                if not getattr(implementation(n), "INTERPRETED", False)]
     # Correctness first: every backend against float64, outputs and gradients.
     ref_t = inputs(torch.float64, True)
     y_ref = moss(ref_t, "reference")

@@ -24,7 +24,11 @@ def _load() -> dict:
             item.split("=", 1) for item in torch.ops.moss._C_build_info().split(";") if item
         )
     except Exception as exc:  # noqa: BLE001 -- any failure is reported, never raised at import
-        _state.update(module=None, info=None, error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "moss_kernels._C":
+            error += (" (installed with MOSS_BUILD_EXT=0, or never compiled: run "
+                      "`pip install --no-build-isolation -e .`)")
+        _state.update(module=None, info=None, error=error)
         return _state
     built, running = info.get("torch"), torch.__version__.split("+")[0]
     if built != running:

@@ -47,12 +47,20 @@ def _probe_compiled(device_type: str) -> ModuleType:
 
 def _probe_triton() -> ModuleType:
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as exc:
         raise BackendUnavailableError(f"triton is not installed ({exc})") from None
-    raise BackendUnavailableError(
-        "the Triton kernels are not part of this version yet (they land with the Triton issue)"
-    )
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"triton {triton.__version__} is installed but no CUDA GPU is visible (with "
+            f"TRITON_INTERPRET=1 set before import, the kernels run slowly in Triton's CPU "
+            f"interpreter)"
+        )
+    try:
+        return importlib.import_module("moss_kernels.triton")
+    except Exception as exc:  # noqa: BLE001 -- reported as the reason, with its type
+        raise BackendUnavailableError(
+            f"importing the Triton kernels failed: {type(exc).__name__}: {exc}") from None
 
 
 _PROBES = {
@@ -99,6 +107,11 @@ def runs_on(name: str, device_type: str) -> bool:
     return types is None or device_type in types
 
 
+def supports(name: str, dtype: torch.dtype) -> bool:
+    dtypes = getattr(implementation(name), "DTYPES", None)
+    return dtypes is None or dtype in dtypes
+
+
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Names of the backends that can run here (on ``device``'s type, when given)."""
     names = [n for n in BACKENDS if unavailable_reason(n) is None]
@@ -108,8 +121,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 @torch.compiler.assume_constant_result
-def resolve(name: str | None, device_type: str) -> str:
-    """The backend to run for tensors of ``device_type``.
+def resolve(name: str | None, device_type: str, dtype: torch.dtype = torch.float32) -> str:
+    """The backend to run for ``dtype`` tensors on ``device_type``.
 
     A constant for torch.compile: it reads the environment and probes imports, neither of
     which belongs in a traced graph.
@@ -119,9 +132,10 @@ def resolve(name: str | None, device_type: str) -> str:
         source = f"{ENV_VAR}={name!r}"
         if name == "auto":
             for candidate in DEFAULT_ORDER.get(device_type, ("reference",)):
-                if unavailable_reason(candidate) is None and runs_on(candidate, device_type):
+                if (unavailable_reason(candidate) is None and runs_on(candidate, device_type)
+                        and supports(candidate, dtype)):
                     return candidate
-            raise BackendUnavailableError(f"no backend runs on {device_type!r} tensors")
+            raise BackendUnavailableError(f"no backend runs on {device_type!r} {dtype} tensors")
     else:
         source = f"backend={name!r}"
     if not isinstance(name, str) or name not in BACKENDS:
@@ -131,5 +145,11 @@ def resolve(name: str | None, device_type: str) -> str:
         raise BackendUnavailableError(
             f"backend {name!r} does not run on {device_type!r} tensors (it runs on "
             f"{', '.join(implementation(name).DEVICE_TYPES)})"
+        )
+    if not supports(name, dtype):
+        raise TypeError(
+            f"backend {name!r} does not support {dtype} (it supports "
+            f"{', '.join(map(str, implementation(name).DTYPES))}; backend='reference' runs any "
+            f"floating dtype)"
         )
     return name

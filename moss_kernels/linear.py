@@ -152,7 +152,7 @@ def moss_linear(
     if x2.shape[0] != plan.num_tokens:
         raise ValueError(f"x: its leading dims {tuple(lead)} hold {x2.shape[0]} tokens but the "
                          f"plan was built for {plan.num_tokens} (layout {plan.shape})")
-    name = backends.resolve(backend, x.device.type)
+    name = backends.resolve(backend, x.device.type, x.dtype)
     y, _ = linear_fwd(x2, weight, bias, text_A, text_B, image_A, image_B, plan.route, plan.nbr,
                       plan.nbr_t, float(text_scale), float(image_scale), name)
     return y.view(*lead, d_out)

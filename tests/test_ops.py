@@ -10,6 +10,7 @@ from moss_kernels.linear import linear_bwd, linear_fwd
 from conftest import make_params, random_layout, special_layouts
 
 NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
+BACKENDS = mk.available_backends("cpu")  # the Triton kernels too, interpreted (conftest)
 
 
 def _setup(gen, dtype=torch.float32, seed=11, k=2, bias=True):
@@ -19,30 +20,32 @@ def _setup(gen, dtype=torch.float32, seed=11, k=2, bias=True):
     return layout, plan, make_params(gen, layout.n, 9, 6, 3, 4, k, dtype=dtype, bias=bias)
 
 
-def _fwd_args(p, plan, x=None):
+def _fwd_args(p, plan, backend, x=None):
     return (p["x"] if x is None else x, p["weight"], p["bias"], p["text_A"], p["text_B"],
-            p["image_A"], p["image_B"], plan.route, plan.nbr, plan.nbr_t, 0.5, 2.0, "reference")
+            p["image_A"], p["image_B"], plan.route, plan.nbr, plan.nbr_t, 0.5, 2.0, backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in (
+    torch.float32, torch.float64) if backends.supports(b, d)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_forward(gen, dtype, bias):
+def test_opcheck_forward(gen, dtype, bias, backend):
     _, plan, p = _setup(gen, dtype, bias=bias)
     for name in ("text_A", "text_B", "image_A", "image_B"):
         p[name].requires_grad_()
-    torch.library.opcheck(linear_fwd, _fwd_args(p, plan))
+    torch.library.opcheck(linear_fwd, _fwd_args(p, plan, backend))
     # A non-contiguous x (a transposed copy) must give the same answer.
     x_t = p["x"].t().contiguous().t()
-    torch.library.opcheck(linear_fwd, _fwd_args(p, plan, x=x_t))
+    torch.library.opcheck(linear_fwd, _fwd_args(p, plan, backend, x=x_t))
 
 
-def test_opcheck_backward(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_backward(gen, backend):
     _, plan, p = _setup(gen)
-    y, z = linear_fwd(*_fwd_args(p, plan))
+    y, z = linear_fwd(*_fwd_args(p, plan, backend))
     dy = torch.randn(y.shape, generator=gen).expand_as(y)
     for need in [(True, True, True), (False, False, False), (True, False, True)]:
         args = (dy.contiguous(), p["x"], p["weight"], p["text_A"], p["text_B"], p["image_A"],
-                p["image_B"], z, plan.route, plan.nbr_t, 0.5, 2.0, *need, "reference")
+                p["image_B"], z, plan.route, plan.nbr_t, 0.5, 2.0, *need, backend)
         torch.library.opcheck(linear_bwd, args)
 
 
@@ -59,11 +62,13 @@ def test_backward_accepts_an_expanded_gradient(gen):
     assert torch.equal(x.grad, x2.grad)
 
 
-def test_torch_compile_fullgraph_parity(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_parity(gen, backend):
     _, plan, p = _setup(gen)
 
     def step(x, weight, bias, text_A, text_B, image_A, image_B):
-        y = mk.moss_linear(x, weight, bias, plan, text_A, text_B, image_A, image_B, 0.5, 2.0)
+        y = mk.moss_linear(x, weight, bias, plan, text_A, text_B, image_A, image_B, 0.5, 2.0,
+                           backend=backend)
         return F.gelu(y)
 
     grads = []
@@ -109,6 +114,15 @@ def test_environment_variable_selects_the_backend(monkeypatch, gen):
     # The argument wins over the environment.
     y = mk.moss_linear(p["x"], p["weight"], None, plan, backend="reference")
     torch.testing.assert_close(y, F.linear(p["x"], p["weight"]))
+
+
+def test_unsupported_dtype_is_a_type_error(gen):
+    _, plan, p = _setup(gen, torch.float64)
+    for name in BACKENDS:
+        if not backends.supports(name, torch.float64):
+            with pytest.raises(TypeError, match=f"backend '{name}' does not support torch.float64"):
+                mk.moss_linear(p["x"], p["weight"], None, plan, backend=name)
+    assert backends.resolve(None, "cpu", torch.float64) in BACKENDS
 
 
 def test_unknown_and_unavailable_backends_say_why(gen):

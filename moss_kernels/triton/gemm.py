@@ -1,0 +1,151 @@
+"""A dense GEMM with a second fused product, a bias epilogue and route-aware tile skipping.
+
+    out[M, N] = A[M, K] @ B[K, N]  (+ A2[M, K2] @ B2[K2, N])  (+ bias[N])       fp32 accumulate
+
+The MOSS layer uses it three times (``C = R_t + K*K*R_i`` columns of tap products):
+
+* tap products  ``P = x @ A_all^T``  [N, C] with ``ROUTE_SKIP``: an M-tile that holds no text
+  token skips the text columns (< R_T), one that holds no image token skips the tap columns.
+  Images are long contiguous runs (1,024 tokens for Chameleon), so at half image tokens about
+  half of the tap work disappears; the skipped entries are never read (the routing kernel reads
+  text columns only on text rows and tap columns only on image rows), so they stay unset.
+* forward       ``y = x @ W^T + z @ Bcat^T + b``: the adapter expand is a second reduction
+  loop into the same accumulator, so y is written once (no second pass over [N, D_out]).
+* backward      ``dx = dy @ W + dP @ A_all``: the transposed convolution (already gathered
+  into dP in rank space) folded into the ``dy W`` GEMM the same way.
+
+Operands are read through their strides, so transposed views (``W^T``) cost nothing. Rows and
+columns are offset in int64 (N * D can pass 2^31). Out-of-range rows and columns are read
+modulo M / N (always in bounds, no load masks on the hot loop) and masked at the store, as in
+Triton's matmul tutorial; only the K tail is masked. The second product casts its A2 tile to
+B2's dtype before the dot (z is kept in fp32 but multiplies a bf16 Bcat as a bf16 LoRA would).
+
+Autotuning runs only on a GPU; the interpreter (TRITON_INTERPRET=1) gets one small config.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def configs() -> list[triton.Config]:
+    """Tile shapes to autotune over on a GPU (Hopper-sized first); one when interpreting."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
+
+
+@triton.jit
+def _accumulate(acc, a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_bn,
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += A[rows, :K] @ B[:K, cols], BLOCK_K at a time."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr,            # A [M, K], B [K, N]
+    a2_ptr, b2_ptr,          # A2 [M, K2], B2 [K2, N] (read only if HAS_A2)
+    bias_ptr,                # [N] (read only if HAS_BIAS)
+    route_ptr,               # [M] int8 token routes (read only if ROUTE_SKIP)
+    out_ptr,                 # [M, N]
+    M, N, K, K2,
+    R_T,                     # ROUTE_SKIP: columns < R_T are text columns, the rest tap columns
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+    stride_om, stride_on,
+    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_SKIP: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 operands only)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles share each column panel of B while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+
+    needed = True
+    if ROUTE_SKIP:
+        route = tl.load(route_ptr + offs_m, mask=offs_m < M, other=-1)
+        has_text = tl.max((route == 0).to(tl.int32), axis=0) > 0
+        has_image = tl.max((route == 1).to(tl.int32), axis=0) > 0
+        first_col = pid_n * BLOCK_N
+        needed = ((first_col < R_T) & has_text) | ((first_col + BLOCK_N > R_T) & has_image)
+    if needed:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _accumulate(acc, a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk,
+                          stride_bn, BLOCK_K, PRECISION)
+        if HAS_A2:
+            acc = _accumulate(acc, a2_ptr, b2_ptr, rows, cols, K2, stride_a2m, stride_a2k,
+                              stride_b2k, stride_b2n, BLOCK_K, PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# With a single config (the interpreter) autotune launches it without benchmarking.
+_gemm = triton.autotune(configs=configs(), key=["M", "N", "K", "K2", "HAS_A2", "ROUTE_SKIP"])(
+    _gemm_kernel)
+
+
+def precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 dots honour torch's TF32 switch, as F.linear does; half types ignore it."""
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if dtype == torch.float32 and tf32 else "ieee"
+
+
+def launch_gemm(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor | None = None,
+         b2: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+         route: torch.Tensor | None = None, r_t: int = 0) -> torch.Tensor:
+    """``a @ b (+ a2 @ b2) (+ bias)`` in ``a.dtype``; with ``route``, the tap-product skipping."""
+    m, k = a.shape
+    n = b.shape[1]
+    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    has_a2 = a2 is not None and a2.shape[1] > 0
+    a2_, b2_ = (a2, b2) if has_a2 else (a, b)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm[grid](
+        a, b, a2_, b2_, a if bias is None else bias, a if route is None else route, out,
+        m, n, k, a2_.shape[1] if has_a2 else 0, r_t,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_A2=has_a2, HAS_BIAS=bias is not None, ROUTE_SKIP=route is not None,
+        PRECISION=precision(a.dtype, a.device),
+    )
+    return out
