@@ -2,7 +2,8 @@
 //
 // The public ops (moss::linear_fwd, moss::linear_bwd) are defined in Python
 // (moss_kernels/linear.py) so that the package works without this extension; the compiled
-// backends add their kernels to the same `moss` namespace from here, as a fragment.
+// backends add their kernels to the same `moss` namespace from here, as a fragment, with one
+// TORCH_LIBRARY_IMPL per device beside its kernels (cpu/, cuda/).
 // Importing the module is what registers them; the Python module object itself is empty.
 #include <Python.h>
 #include <torch/library.h>
@@ -49,6 +50,17 @@ std::string build_info() {
 
 TORCH_LIBRARY_FRAGMENT(moss, m) {
   m.def("_C_build_info() -> str", &build_info);
+  // The compiled backends' kernels, one schema for every device (csrc/cpu, csrc/cuda); the
+  // math and argument order are those of moss_kernels/reference.py forward() and backward().
+  m.def(
+      "_ext_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor text_A, Tensor text_B, "
+      "Tensor image_A, Tensor image_B, Tensor route, Tensor nbr, float text_scale, "
+      "float image_scale) -> (Tensor, Tensor)");
+  m.def(
+      "_ext_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor text_A, Tensor text_B, "
+      "Tensor image_A, Tensor image_B, Tensor z, Tensor route, Tensor nbr_t, float text_scale, "
+      "float image_scale, bool need_dx, bool need_dweight, bool need_dbias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace moss

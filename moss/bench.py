@@ -106,8 +106,9 @@ def run(shape: Shape, device: torch.device, dtype: torch.dtype, reps: int, warmu
     adapters = ("text_A", "text_B", "image_A", "image_B")
 
     def inputs(dt, grad):
-        t = {n: v.to(dt).requires_grad_(grad and n in ("x", *adapters)) for n, v in master.items()}
-        return t
+        """Fresh leaves (copies), so gradients of different candidates never accumulate."""
+        return {n: v.to(dt, copy=True).requires_grad_(grad and n in ("x", *adapters))
+                for n, v in master.items()}
 
     def moss(t, backend):
         return mk.moss_linear(t["x"], t["weight"], t["bias"], plan, *(t[a] for a in adapters),

@@ -2,7 +2,7 @@
 
 Every backend implements the same two functions behind the shared ``moss`` custom ops
 (``forward`` and ``backward`` with the signatures of :mod:`moss_kernels.reference`) and states
-which device types it runs on. Selection, in order: the ``backend=`` argument, the
+the device types (``DEVICE_TYPES``) and dtypes (``DTYPES``) it runs on; None means any. Selection, in order: the ``backend=`` argument, the
 ``MOSS_KERNELS_BACKEND`` environment variable (``auto`` or unset: no preference), then the
 fastest available backend for the tensors' device. A backend that is asked for and cannot run
 raises :class:`BackendUnavailableError` saying why.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -29,23 +29,28 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
 
 
-def _probe_reference() -> ModuleType:
+def _probe_reference() -> Any:
     return importlib.import_module("moss_kernels.reference")
 
 
-def _probe_compiled(device_type: str) -> ModuleType:
+def _probe_compiled(device_type: str):
     if not _ext.loaded():
         raise BackendUnavailableError(f"the extension moss_kernels._C is not usable: "
                                       f"{_ext.load_error()}")
-    if device_type == "cuda" and _ext.build_info().get("cuda", "no") == "no":
-        raise BackendUnavailableError("moss_kernels._C was built without CUDA")
-    raise BackendUnavailableError(
-        f"moss_kernels._C has no {device_type.upper()} kernels yet (the C++ kernels land with "
-        f"the extension issue)"
-    )
+    from . import compiled
+
+    if device_type == "cpu":
+        return compiled.CPU
+    if _ext.build_info().get("cuda", "no") == "no":
+        raise BackendUnavailableError(
+            "moss_kernels._C was built without CUDA (torch without CUDA, or no CUDA toolkit "
+            "found at build time)")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("moss_kernels._C has CUDA kernels but no CUDA GPU is visible")
+    return compiled.CUDA
 
 
-def _probe_triton() -> ModuleType:
+def _probe_triton() -> Any:
     try:
         import triton
     except ImportError as exc:
@@ -69,10 +74,10 @@ _PROBES = {
     "cuda": lambda: _probe_compiled("cuda"),
     "triton": _probe_triton,
 }
-_cache: dict[str, ModuleType | BackendUnavailableError] = {}
+_cache: dict[str, Any | BackendUnavailableError] = {}
 
 
-def _probe(name: str) -> ModuleType | BackendUnavailableError:
+def _probe(name: str) -> Any | BackendUnavailableError:
     if name not in _cache:
         try:
             _cache[name] = _PROBES[name]()
@@ -86,7 +91,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} (or None), got {name!r}")
 
 
-def implementation(name: str) -> ModuleType:
+def implementation(name: str) -> Any:
     """The module implementing backend ``name``; raises why it is unavailable."""
     _check_name(name)
     found = _probe(name)

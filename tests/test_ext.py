@@ -36,6 +36,20 @@ def test_a_failed_load_is_reported(monkeypatch):
     assert backends.resolve(None, "cpu") == "reference"  # the package still works
 
 
+def test_a_missing_build_says_how_to_build(monkeypatch):
+    real_import = importlib.import_module
+
+    def missing(name, *args):
+        if name == "moss_kernels._C":
+            raise ModuleNotFoundError("No module named 'moss_kernels._C'", name=name)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(importlib, "import_module", missing)
+    assert "MOSS_BUILD_EXT=0" in _ext.load_error()
+    assert "pip install --no-build-isolation -e ." in _ext.load_error()
+
+
 def test_a_stale_build_is_reported(monkeypatch):
     monkeypatch.setattr(_ext, "_state", {})
     monkeypatch.setattr(torch, "__version__", "9.99.0")
