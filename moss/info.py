@@ -43,9 +43,11 @@ def report() -> str:
     ]
     error, info = _ext.load_error(), _ext.build_info()
     if error is None:
-        lines.append("extension moss_kernels._C: loaded")
+        lines.append("extension moss_kernels._C: loaded, built with")
     else:
         lines.append(f"extension moss_kernels._C: NOT USABLE: {error}")
+        if info:
+            lines.append(f"  (the file says it was built for; running torch {torch.__version__})")
     if info:
         lines += [f"  {key:<12}  {value}" for key, value in info.items()]
     lines += ["", "backends:"]

@@ -9,10 +9,28 @@ The import itself registers the extension's ops under the ``torch.ops.moss`` nam
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import re
+from pathlib import Path
 
 import torch
 
 _state: dict = {}
+
+
+def _scan_binary() -> dict[str, str] | None:
+    """What the extension was built with, read from its file without loading it.
+
+    csrc/moss_ops.cpp keeps these as string literals (``torch=2.13.0;``), so a binary that
+    cannot be loaded (an undefined symbol after a torch upgrade) still tells what it needs.
+    """
+    paths = sorted(Path(__file__).parent.glob("_C*.so")) + sorted(Path(__file__).parent.glob("_C*.pyd"))
+    if not paths:
+        return None
+    data = paths[0].read_bytes()
+    found = {key: m.group(1).decode() for key in ("torch", "cuda")
+             if (m := re.search(rb"%s=([0-9A-Za-z.+]+);" % key.encode(), data))}
+    return {**found, "path": str(paths[0])} if found else None
 
 
 def _load() -> dict:
@@ -28,7 +46,7 @@ def _load() -> dict:
         if isinstance(exc, ModuleNotFoundError) and exc.name == "moss_kernels._C":
             error += (" (installed with MOSS_BUILD_EXT=0, or never compiled: run "
                       "`pip install --no-build-isolation -e .`)")
-        _state.update(module=None, info=None, error=error)
+        _state.update(module=None, info=_scan_binary(), error=error)
         return _state
     built, running = info.get("torch"), torch.__version__.split("+")[0]
     if built != running:
