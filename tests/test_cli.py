@@ -4,10 +4,12 @@ import csv
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from moss.cli import main
+from moss_kernels import available_backends as backends_available
 from moss_kernels import backends
 
 
@@ -22,29 +24,61 @@ def test_info_reports_versions_extension_and_every_backend(capsys):
         assert (f"{name:<10} available" if reason is None else f"unavailable: {reason}") in out
 
 
-def test_bench_checks_then_times_and_appends_csv(tmp_path, capsys):
-    path = tmp_path / "results.csv"
-    args = ["bench", "--tokens", "300", "--d-in", "48", "--d-out", "40", "--rank", "4",
-            "--grid", "5", "3", "--reps", "2", "--warmup", "1", "--csv", str(path)]
-    assert main(args) == 0
+SMALL = ["bench", "--case", "cpu-quick", "--tokens", "300", "--d-in", "48", "--d-out", "40",
+         "--rank", "4", "--grid", "5", "3", "--reps", "2", "--warmup", "1"]
+
+
+def test_bench_checks_then_times_every_provider_and_reports(tmp_path, capsys):
+    assert main(SMALL + ["--sweep", "rank", "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "match the float64 reference" in out
-    assert "F.linear" in out and "moss/reference" in out and "x floor" in out
-    rows = list(csv.DictReader(path.open()))
-    assert {(r["provider"], r["mode"]) for r in rows} >= {
-        ("F.linear", "forward"), ("moss/reference", "forward+backward")}
-    assert all(float(r["ratio_to_floor"]) > 0 and r["hardware"] for r in rows)
-    floors = [r for r in rows if r["provider"] == "F.linear"]
-    assert all(float(r["ratio_to_floor"]) == 1.0 for r in floors)
-    assert main(args) == 0  # appending keeps one header
-    assert len(list(csv.DictReader(path.open()))) == 2 * len(rows)
+    assert "WRONG" not in out
+    for provider in ["F.linear", "eager", "peft"] + [f"moss:{n}" for n in ("reference", "cpu")
+                                                      if n in backends_available()]:
+        assert provider in out
+    rows = list(csv.DictReader((tmp_path / "moss_bench_cpu.csv").open()))
+    assert {r["mode"] for r in rows} == {"forward", "backward", "forward+backward"}
+    assert {int(r["rank"]) for r in rows} == {4, 16, 64, 256}
+    assert all(r["hardware"] and r["date"] and float(r["median_ms"]) > 0 for r in rows)
+    assert all(float(r["ratio_to_floor"]) == 1.0 for r in rows if r["provider"] == "F.linear")
+    assert all(float(r["x_eager"]) > 0 for r in rows if r["provider"].startswith("moss:"))
+    assert (tmp_path / "cpu_ratio_vs_rank.png").stat().st_size > 10_000
+    assert main(SMALL + ["--sweep", "--no-compile", "--modes", "forward", "--out", str(tmp_path)]) == 0
+    assert len(list(csv.DictReader((tmp_path / "moss_bench_cpu.csv").open()))) > len(rows)
 
 
-@pytest.mark.parametrize("arg,match", [("--tokens=0", "--tokens must be >= 1"),
-                                       ("--image-fraction=2", "--image-fraction must be in")])
-def test_bench_rejects_bad_arguments(arg, match):
+def test_bench_compiled_providers(tmp_path, capsys):
+    assert main(SMALL + ["--sweep", "--modes", "forward+backward", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "compile:eager" in out and "compile:reference" in out and "WRONG" not in out
+
+
+def test_bench_leaves_out_a_wrong_provider(tmp_path, capsys, monkeypatch):
+    from moss.bench import providers as prov
+
+    real = prov._eager
+    monkeypatch.setattr(prov, "_eager", lambda p: (lambda t: real(p)(t) * 1.01))
+    assert main(SMALL + ["--sweep", "--no-compile", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "eager: WRONG, not timed: y off by" in out
+    rows = list(csv.DictReader((tmp_path / "moss_bench_cpu.csv").open()))
+    assert rows and not any(r["provider"] == "eager" for r in rows)
+
+
+def test_pytest_benchmark_runs_the_same_cases():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", str(root / "bench"), "-q",
+                           "--benchmark-disable", "-k", "img0.5 and R16 and not compile"],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout
+
+
+@pytest.mark.parametrize("args,match", [(["--tokens=0"], "--tokens must be >= 1"),
+                                        (["--image-fraction=2"], "--image-fraction must be in"),
+                                        (["--reps=0"], "--reps must be >= 1")])
+def test_bench_rejects_bad_arguments(args, match):
     with pytest.raises(SystemExit, match=match):
-        main(["bench", arg])
+        main(["bench", *args])
 
 
 def test_console_script_and_module_entry_point():

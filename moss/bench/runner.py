@@ -1,0 +1,178 @@
+"""Check every provider against float64, then time them interleaved; one row per measurement.
+
+Timing: each round runs every (provider, mode) once, in the same order (A B C A B C ...), so a
+drifting machine hits all alike; rounds after the warm-up are kept and summarised by their
+median with p20/p80. ``backward`` times the backward alone (its forward runs untimed in the
+same round). Memory: ``saved_mb`` is what the autograd graph keeps for the backward (counted
+through saved-tensor hooks, any device); ``peak_mb`` is the CUDA allocator's peak above the
+inputs during the measured call (GPU only).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import moss_kernels as mk
+
+from .cases import Case, layout
+from .providers import IMAGE_SCALE, NAMES, TEXT_SCALE, Provider, make_problem
+
+MODES = ("forward", "backward", "forward+backward")
+ADAPTERS = NAMES[3:]
+#: Max |error| / max |float64 reference| for a provider to be timed, per dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _master(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    d_in, d_out, r, k = case.d_in, case.d_out, case.rank, case.kernel_size
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    return {"x": rand(case.tokens, d_in), "weight": rand(d_out, d_in, scale=d_in ** -0.5),
+            "bias": rand(d_out), "text_A": rand(r, d_in, scale=d_in ** -0.5),
+            "text_B": rand(d_out, r, scale=r ** -0.5),
+            "image_A": rand(r, d_in, k, k, scale=(k * k * d_in) ** -0.5),
+            "image_B": rand(d_out, r, scale=r ** -0.5)}
+
+
+def _leaves(master: dict, dtype: torch.dtype, grad: bool) -> dict[str, torch.Tensor]:
+    """Fresh copies, so that gradients of different providers never accumulate together."""
+    return {n: v.to(dtype, copy=True).requires_grad_(grad and n in ("x", *ADAPTERS))
+            for n, v in master.items()}
+
+
+def _saved_bytes(fn: Callable, tensors: dict) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(tensors)
+    return total
+
+
+def _rel_err(got: torch.Tensor | None, want: torch.Tensor) -> float:
+    if got is None:  # a tensor the provider never used (no image tokens: image_A)
+        got = torch.zeros_like(want)
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def check(provider: Provider, fn: Callable, master: dict, dtype, dy, want: dict) -> str | None:
+    """None if the provider's output and gradients match float64, else what is off."""
+    t = _leaves(master, dtype, True)
+    y = fn(t)
+    y.backward(dy)
+    got = {"y": y.detach(), **{f"d{n}": t[n].grad for n in ("x", *ADAPTERS)}}
+    for name, value in want.items():
+        err = _rel_err(got[name], value)
+        if not err <= TOLERANCE[dtype]:
+            return f"{name} off by {err:.1e} (tolerance {TOLERANCE[dtype]:.0e} for {dtype})"
+    return None
+
+
+def run_case(case: Case, providers: list[Provider], device: torch.device, dtype: torch.dtype,
+             reps: int, warmup: int, modes=MODES, progress=None,
+             log=print) -> tuple[list[dict], dict[str, str]]:
+    """Rows for every timed (provider, mode), and {provider: what is wrong} for those that
+    failed the float64 check (never timed)."""
+    route, spans = layout(case, device)
+    problem = make_problem(case, route, spans)
+    master = _master(case, device)
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(case.tokens, case.d_out, generator=gen).to(device, dtype)
+
+    ref = _leaves(master, torch.float64, True)
+    y_ref = mk.moss_linear(ref["x"], ref["weight"], ref["bias"], problem.plan,
+                           *(ref[n] for n in ADAPTERS), TEXT_SCALE, IMAGE_SCALE,
+                           backend="reference")
+    y_ref.backward(dy.double())
+    want = {"y": y_ref.detach(), **{f"d{n}": ref[n].grad for n in ("x", *ADAPTERS)}}
+    del ref, y_ref
+
+    built, failures = [], {}
+    for p in providers:
+        fn = p.build(problem)
+        if not p.floor:
+            problem_found = check(p, fn, master, dtype, dy, want)
+            if problem_found:
+                failures[p.name] = problem_found
+                log(f"  {p.name}: WRONG, not timed: {problem_found}")
+                continue
+        built.append((p, fn))
+
+    fwd_t, bwd_t = _leaves(master, dtype, False), _leaves(master, dtype, True)
+    bwd_t["x"].requires_grad_(True)
+    candidates = [(p, fn, mode) for p, fn in built for mode in modes]
+    times = {i: [] for i in range(len(candidates))}
+    peaks = {i: 0 for i in range(len(candidates))}
+    for rnd in range(warmup + reps):
+        for i, (p, fn, mode) in enumerate(candidates):
+            elapsed, peak = _time_once(fn, mode, fwd_t, bwd_t, dy, device)
+            if rnd >= warmup:
+                times[i].append(elapsed)
+                peaks[i] = max(peaks[i], peak)
+        for v in bwd_t.values():
+            v.grad = None
+        if progress is not None:
+            progress.update(1)
+
+    rows, floor = [], {}
+    saved = {p.name: _saved_bytes(fn, bwd_t) for p, fn in built}
+    for i, (p, _, mode) in enumerate(candidates):
+        ts = sorted(times[i])
+        q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else ts * 9
+        med = statistics.median(ts)
+        if p.floor:
+            floor[mode] = med
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        rows.append({
+            **{k: v for k, v in vars(case).items() if k != "grid"},
+            "grid": f"{case.grid[0]}x{case.grid[1]}", "dtype": str(dtype).split(".")[-1],
+            "provider": p.name, "mode": mode, "median_ms": med * 1e3, "p20_ms": q[1] * 1e3,
+            "p80_ms": q[7] * 1e3,
+            "tflops": case.flops(mode, not p.floor) / med / 1e12,
+            "gbps": case.bytes(mode, itemsize) / med / 1e9,
+            "saved_mb": saved[p.name] / 2**20 if mode != "forward" else 0.0,
+            "peak_mb": peaks[i] / 2**20 if device.type == "cuda" else float("nan"),
+        })
+    for row in rows:
+        base = floor.get(row["mode"])
+        row["ratio_to_floor"] = row["median_ms"] / 1e3 / base if base else float("nan")
+        row["overhead_ms"] = row["median_ms"] - base * 1e3 if base else float("nan")
+    return rows, failures
+
+
+def _time_once(fn, mode, fwd_t, bwd_t, dy, device) -> tuple[float, int]:
+    cuda = device.type == "cuda"
+    if mode == "backward":
+        y = fn(bwd_t)
+    _sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    if mode == "forward":
+        with torch.no_grad():
+            fn(fwd_t)
+    elif mode == "backward":
+        y.backward(dy)
+    else:
+        fn(bwd_t).backward(dy)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else 0
+    return elapsed, peak
