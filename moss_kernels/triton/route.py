@@ -27,6 +27,23 @@ BLOCK_T = 16 if INTERPRET else 64
 
 
 @triton.jit
+def _text_columns(src_ptr, dst_ptr, route_ptr, offs_t, N, R_T, stride_src, stride_dst,
+                  BLOCK_R: tl.constexpr):
+    """dst[t, :R_T] = src[t, :R_T] on text rows, 0 on the others (both directions)."""
+    t_ok = offs_t < N
+    rows = offs_t.to(tl.int64)
+    is_text = tl.load(route_ptr + offs_t, mask=t_ok, other=-1) == 0
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R_T, BLOCK_R):
+        cols = r0 + offs_r
+        c_ok = cols < R_T
+        v = tl.load(src_ptr + rows[:, None] * stride_src + cols[None, :],
+                    mask=(t_ok & is_text)[:, None] & c_ok[None, :], other=0.0)
+        tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :],
+                 v.to(dst_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
 def _route_fwd_kernel(
     p_ptr,       # [N, C] tap products (x dtype)
     route_ptr,   # [N] int8
@@ -36,17 +53,10 @@ def _route_fwd_kernel(
     KK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _text_columns(p_ptr, z_ptr, route_ptr, offs_t, N, R_T, stride_p, stride_z, BLOCK_R)
     t_ok = offs_t < N
     rows = offs_t.to(tl.int64)
-    is_text = tl.load(route_ptr + offs_t, mask=t_ok, other=-1) == 0
     offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R_T, BLOCK_R):
-        cols = r0 + offs_r
-        c_ok = cols < R_T
-        v = tl.load(p_ptr + rows[:, None] * stride_p + cols[None, :],
-                    mask=(t_ok & is_text)[:, None] & c_ok[None, :], other=0.0)
-        tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :], v.to(tl.float32),
-                 mask=t_ok[:, None] & c_ok[None, :])
     for r0 in range(0, R_I, BLOCK_R):
         cols = r0 + offs_r
         c_ok = cols < R_I
@@ -70,17 +80,10 @@ def _route_bwd_kernel(
     KK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _text_columns(dz_ptr, dp_ptr, route_ptr, offs_t, N, R_T, stride_dz, stride_dp, BLOCK_R)
     t_ok = offs_t < N
     rows = offs_t.to(tl.int64)
-    is_text = tl.load(route_ptr + offs_t, mask=t_ok, other=-1) == 0
     offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R_T, BLOCK_R):
-        cols = r0 + offs_r
-        c_ok = cols < R_T
-        v = tl.load(dz_ptr + rows[:, None] * stride_dz + cols[None, :],
-                    mask=(t_ok & is_text)[:, None] & c_ok[None, :], other=0.0)
-        tl.store(dp_ptr + rows[:, None] * stride_dp + cols[None, :], v,
-                 mask=t_ok[:, None] & c_ok[None, :])
     for tap in tl.static_range(KK):
         dst = tl.load(nbr_t_ptr + rows * KK + tap, mask=t_ok, other=-1)
         for r0 in range(0, R_I, BLOCK_R):
