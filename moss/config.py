@@ -1,0 +1,100 @@
+"""MossConfig: what to wrap and how (the adapter hyper-parameters), validated and serialisable.
+
+Image-adapter variants (the paper's ablations are configurations of the same machinery):
+
+* ``conv`` (MOSS, default): text tokens get a rank-``r_text`` LoRA, image tokens a rank-
+  ``r_image`` ConvLoRA whose down-projection is a ``kernel_size`` x ``kernel_size`` (causal)
+  convolution over the image's token grid.
+* ``moe``: a linear LoRA per modality (a 1 x 1 kernel).
+* ``shared``: one LoRA (``r_text``, ``alpha_text``) for every token.
+* ``conv_rank`` (SAM-ConvLoRA style): a linear down-projection, then a K x K convolution in
+  rank space. It is run by the same kernels: the composition of the two is itself a K x K
+  full-width kernel, ``image_A[:, :, p, q] = C[:, :, p, q] @ A`` (r^2 K^2 D_in work per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+FORMAT_VERSION = 1
+VARIANTS = ("shared", "moe", "conv", "conv_rank")
+#: Every attention and MLP projection of Llama-family decoders (Chameleon, Emu2's LLaMA).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class MossConfig:
+    r_text: int = 16
+    r_image: int = 16
+    alpha_text: float = 32.0
+    alpha_image: float = 32.0
+    kernel_size: int = 2
+    causal: bool = True
+    dropout: float = 0.0
+    image_adapter: str = "conv"
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    image_token_ids: list[int] | None = None  # token-based backbones: which ids are image tokens
+    image_grid: tuple[int, int] | None = None  # and their H x W grid (overrides the backbone's)
+    backend: str | None = None
+
+    def __post_init__(self):
+        for name in ("r_text", "r_image", "kernel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        for name in ("alpha_text", "alpha_image"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal: expected a bool, got {type(self.causal).__name__}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
+                0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        if self.image_adapter not in VARIANTS:
+            raise ValueError(f"image_adapter: expected one of {', '.join(VARIANTS)}, got "
+                             f"{self.image_adapter!r}")
+        if isinstance(self.target_modules, str) or not self.target_modules or not all(
+                isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules: expected a non-empty list of module names, got "
+                             f"{self.target_modules!r}")
+        self.target_modules = list(self.target_modules)
+        if self.image_token_ids is not None:
+            ids = list(self.image_token_ids)
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                  for i in ids):
+                raise ValueError(f"image_token_ids: expected non-negative ints, got {ids!r}")
+            self.image_token_ids = ids
+        if self.image_grid is not None:
+            grid = tuple(self.image_grid)
+            if len(grid) != 2 or not all(isinstance(g, int) and g >= 1 for g in grid):
+                raise ValueError(f"image_grid: expected (height, width) >= 1, got {self.image_grid!r}")
+            self.image_grid = grid
+        if self.backend is not None:
+            from moss_kernels.backends import BACKENDS
+
+            if self.backend not in BACKENDS:
+                raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} or None, got "
+                                 f"{self.backend!r}")
+
+    @property
+    def window(self) -> int:
+        """The kernel size the image adapter convolves with (1 for the linear variants)."""
+        return self.kernel_size if self.image_adapter in ("conv", "conv_rank") else 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_grid"] = list(self.image_grid) if self.image_grid else None
+        return {"format_version": FORMAT_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MossConfig:
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format_version: this moss reads adapter configs of version "
+                             f"{FORMAT_VERSION}, the file says {version!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"format_version"})
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,211 @@
+"""Injection, routing per forward, and adapter checkpoints.
+
+``get_moss_model(hf_model, cfg)`` wraps the target ``nn.Linear`` layers of that one model
+instance (never a global patch) with :class:`moss.layer.MossLinear`, freezes everything else,
+and returns a :class:`MossModel`, whose ``forward`` builds the routing plan once per batch
+(from ``input_ids`` for token-based backbones, or from an explicit ``route`` / ``images``
+layout) and then runs the backbone. ``unload()`` puts the original layers back.
+
+Checkpoints are two files: ``moss_adapter.safetensors`` (adapter tensors only) and
+``moss_config.json`` (the MossConfig with a format version, the wrapped layers' names, and the
+weights file's SHA-256). Each is written to a temporary file in the same folder, flushed and
+renamed into place; the config is renamed last and names the weights it belongs to, so an
+interrupted save never yields a pair that loads as something it is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import moss_kernels as mk
+
+from .backbones import image_vocabulary
+from .config import MossConfig
+from .layer import MossLinear, Router
+
+WEIGHTS_NAME = "moss_adapter.safetensors"
+CONFIG_NAME = "moss_config.json"
+
+
+def get_moss_model(model: nn.Module, cfg: MossConfig) -> MossModel:
+    """Wrap ``model``'s target linear layers with MOSS adapters and freeze the rest."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch nn.Module, got {type(model).__name__}")
+    if not isinstance(cfg, MossConfig):
+        raise TypeError(f"cfg: expected a moss.MossConfig, got {type(cfg).__name__}")
+    if any(isinstance(m, MossLinear) for m in model.modules()):
+        raise ValueError("model: already holds MOSS layers (call unload() first)")
+    return MossModel(model, cfg)
+
+
+class MossModel(nn.Module):
+    def __init__(self, model: nn.Module, cfg: MossConfig):
+        super().__init__()
+        self.model = model
+        self.moss_config = cfg
+        self.router = Router()
+        self.image_token_ids, self.image_grid = image_vocabulary(model, cfg)
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        targets = [(name, m) for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.target_modules
+                   and "vqmodel" not in name.split(".")]
+        if not targets:
+            raise ValueError(f"target_modules: no nn.Linear named {cfg.target_modules} in "
+                             f"{type(model).__name__}")
+        self.wrapped = [name for name, _ in targets]
+        for name, linear in targets:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    MossLinear(linear, cfg, self.router))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, route=None,
+                images=None, cu_seqlens=None, **kwargs):
+        """Route the batch, then run the backbone.
+
+        ``route`` [B, T] (-1 padding, 0 text, 1 image) with ``images`` [n, 3] rows
+        ``(flat start, H, W)`` give the layout explicitly (embedding-fed backbones, Emu2);
+        otherwise it follows from ``input_ids`` (image token ids and grid of the backbone or
+        the MossConfig) and ``attention_mask``.
+        """
+        build = self._plan_builder(input_ids, attention_mask, inputs_embeds, route, images,
+                                   cu_seqlens)
+        with self.router.routing(build):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              inputs_embeds=inputs_embeds, **kwargs)
+
+    def _plan_builder(self, input_ids, attention_mask, inputs_embeds, route, images, cu_seqlens):
+        causal = self.moss_config.causal
+        if route is not None:
+            if images is None:
+                raise ValueError("images: required with route (use an empty [0, 3] tensor for none)")
+            shape = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
+            if tuple(route.shape) != tuple(shape) and route.numel() != shape.numel():
+                raise ValueError(f"route: expected shape {tuple(shape)} like the inputs, got "
+                                 f"{tuple(route.shape)}")
+            route = route.reshape(shape) if cu_seqlens is None else route.reshape(-1)
+
+            images = torch.as_tensor(images, dtype=torch.int64, device=route.device).reshape(-1, 3)
+
+            def build(window, shared):
+                r = torch.where(route == 1, 0, route) if shared else route
+                spans = images[:0] if shared else images
+                return mk.RoutingPlan.from_spans(r, spans, kernel_size=window, causal=causal,
+                                                 cu_seqlens=cu_seqlens)
+            return build
+        if input_ids is None:
+            raise ValueError("input_ids or route: give the token ids, or the explicit layout "
+                             "(route and images) when feeding inputs_embeds")
+        ids, grid = self.image_token_ids, self.image_grid
+
+        def build(window, shared):
+            if ids is None or shared:
+                plan_ids = torch.zeros_like(input_ids)  # every token text
+                return mk.RoutingPlan.from_input_ids(plan_ids, [1], (1, 1), attention_mask,
+                                                     kernel_size=window, causal=causal)
+            return mk.RoutingPlan.from_input_ids(input_ids, ids, grid, attention_mask,
+                                                 kernel_size=window, causal=causal)
+        return build
+
+    # ------------------------------------------------------------------ adapters
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.model.named_parameters()
+                if p.requires_grad and _is_adapter(name)}
+
+    def unload(self) -> nn.Module:
+        """Put the original linear layers back and return the backbone, unchanged."""
+        for name in self.wrapped:
+            parent, _, child = name.rpartition(".")
+            owner = self.model.get_submodule(parent) if parent else self.model
+            setattr(owner, child, getattr(owner, child).base)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad[name])
+        return self.model
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        weights = _atomic_write(folder / WEIGHTS_NAME, lambda f: save_file(tensors, f))
+        meta = {**self.moss_config.to_dict(), "wrapped": self.wrapped,
+                "weights_sha256": _sha256(weights)}
+        _atomic_write(folder / CONFIG_NAME,
+                      lambda f: Path(f).write_text(json.dumps(meta, indent=2) + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> MossModel:
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"path: {folder / name} does not exist (a MOSS adapter "
+                                        f"folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            meta = json.loads((folder / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{folder / CONFIG_NAME}: not valid JSON ({exc})") from None
+        wrapped, digest = meta.pop("wrapped", None), meta.pop("weights_sha256", None)
+        if digest != _sha256(folder / WEIGHTS_NAME):
+            raise ValueError(f"{folder / WEIGHTS_NAME}: its SHA-256 does not match the one in "
+                             f"{CONFIG_NAME} (a truncated, corrupted or mismatched file)")
+        moss = get_moss_model(model, MossConfig.from_dict(meta))
+        if wrapped is not None and wrapped != moss.wrapped:
+            missing = sorted(set(wrapped) - set(moss.wrapped))
+            extra = sorted(set(moss.wrapped) - set(wrapped))
+            raise ValueError(f"model: does not match the adapter's base model (layers the "
+                             f"adapter has but the model lacks: {missing[:5]}; the model's "
+                             f"extra layers: {extra[:5]})")
+        loaded = load_file(folder / WEIGHTS_NAME)
+        own = dict(moss.model.named_parameters())
+        expected = set(moss.adapter_state_dict())
+        missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{folder / WEIGHTS_NAME}: missing keys {missing[:5]}, unexpected "
+                             f"keys {unexpected[:5]}")
+        with torch.no_grad():
+            for key, value in loaded.items():
+                if value.shape != own[key].shape:
+                    raise ValueError(f"{key}: expected shape {tuple(own[key].shape)}, the file "
+                                     f"has {tuple(value.shape)}")
+                own[key].copy_(value)
+        return moss
+
+
+def _is_adapter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("text_A", "text_B", "image_A", "image_B", "image_down",
+                                       "image_conv")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(target: Path, write) -> Path:
+    """``write(tmp_path)`` into a temporary file beside ``target``, fsync, rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

@@ -1,0 +1,292 @@
+"""moss/: injection into real (tiny) transformers models, routing, unload, checkpoints."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import moss_kernels as mk
+from moss import MossConfig, MossModel, get_moss_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+IMG = list(range(40, 72))  # the tiny Chameleon's VQ code ids
+GRID = (3, 3)
+
+
+def tiny_llama(seed=0, layers=2, hidden=32):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=80, hidden_size=hidden, intermediate_size=48,
+                                   num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_chameleon(seed=0):
+    torch.manual_seed(seed)
+    vq = dict(embed_dim=16, num_embeddings=32, base_channels=32, channel_multiplier=[1, 2],
+              num_res_blocks=1, resolution=32, in_channels=3, latent_channels=16,
+              attn_resolutions=[])
+    vocab = {f"IMGIMG{chr(65 + i // 26)}{chr(65 + i % 26)}Z": tok for i, tok in enumerate(IMG)}
+    vocab.update({"<image>": 3, "<racm3:break>": 4, "<eoss>": 5})
+    cfg = transformers.ChameleonConfig(vocab_size=80, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, vq_config=vq,
+                                       vocabulary_map=vocab, image_token_id=3)
+    return transformers.ChameleonForConditionalGeneration(cfg).eval()
+
+
+def interleaved_ids():
+    """Two sequences: text, a 3 x 3 image, text, a partial image; left padding on the second."""
+    a = [1, 7, 8] + IMG[:9] + [9, 10] + IMG[9:13]
+    b = [0, 0, 0, 0, 11, 12] + IMG[13:22] + [13, 14, 15]
+    ids = torch.tensor([a, b])
+    mask = torch.tensor([[1] * len(a), [0] * 4 + [1] * (len(b) - 4)])
+    return ids, mask
+
+
+def _randomize_B(moss, scale=0.3):
+    with torch.no_grad():
+        for name, p in moss.model.named_parameters():
+            if name.endswith(("text_B", "image_B")):
+                p.copy_(torch.randn_like(p) * scale)
+
+
+@pytest.mark.parametrize("variant", ["conv", "moe", "shared", "conv_rank"])
+def test_zero_B_is_the_base_model_and_only_adapters_train(variant):
+    base = tiny_chameleon()
+    ids, mask = interleaved_ids()
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=mask).logits
+    moss = get_moss_model(base, MossConfig(r_text=4, r_image=4, image_adapter=variant,
+                                           image_grid=GRID))
+    with torch.no_grad():
+        got = moss(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    trainable = {n for n, p in moss.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1] in (
+        "text_A", "text_B", "image_A", "image_B", "image_down", "image_conv") for n in trainable)
+    assert len(moss.wrapped) == 14 and not any("vqmodel" in n for n in moss.wrapped)
+    # And the adapters do something once B is not zero, with gradients reaching them.
+    _randomize_B(moss)
+    out = moss(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(out, want, atol=1e-3)
+    out.float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for n, p in moss.named_parameters() if p.requires_grad)
+
+
+def test_image_tokens_route_through_the_conv_adapter():
+    """Changing only the image adapter changes only image-token outputs at the first layer."""
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=4, image_grid=GRID))
+    ids, mask = interleaved_ids()
+    layer = moss.model.model.layers[0].self_attn.q_proj
+    seen = {}
+    layer.register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.detach().clone()))
+    moss(input_ids=ids, attention_mask=mask)
+    before = seen["y"]
+    with torch.no_grad():
+        layer.image_B.normal_()
+    moss(input_ids=ids, attention_mask=mask)
+    changed = (seen["y"] - before).abs().amax(-1) > 0
+    is_image = torch.isin(ids, torch.tensor(IMG)) & (mask == 1)
+    assert torch.equal(changed, is_image)
+
+
+def test_explicit_layout_with_inputs_embeds_matches_input_ids_routing():
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=4, image_grid=GRID))
+    _randomize_B(moss)
+    ids, mask = interleaved_ids()
+    plan = mk.RoutingPlan.from_input_ids(ids, IMG + [3], GRID, mask)
+    route = plan.route.view(ids.shape).long()
+    embeds = moss.model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        a = moss(input_ids=ids, attention_mask=mask).logits
+        b = moss(inputs_embeds=embeds, attention_mask=mask, route=route, images=plan.images).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_llama_with_embeddings_and_route():
+    """Emu2-style: a Llama decoder fed embeddings, the layout given explicitly."""
+    moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4, kernel_size=3))
+    _randomize_B(moss)
+    embeds = torch.randn(2, 12, 32)
+    route = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0], [1] * 8 + [0, 0, -1, -1]])
+    images = torch.tensor([[2, 2, 2], [12, 2, 4]])
+    out = moss(inputs_embeds=embeds, route=route, images=images).logits
+    assert out.shape == (2, 12, 80) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="images: required with route"):
+        moss(inputs_embeds=embeds, route=route)
+    with pytest.raises(ValueError, match="input_ids or route"):
+        moss(inputs_embeds=embeds)
+    # A Llama given only token ids is text-only.
+    ids = torch.randint(0, 80, (2, 7))
+    assert moss(input_ids=ids).logits.shape == (2, 7, 80)
+
+
+def test_plan_is_built_once_per_forward(monkeypatch):
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=4, image_grid=GRID))
+    calls = []
+    real = mk.RoutingPlan.from_input_ids.__func__
+    monkeypatch.setattr(mk.RoutingPlan, "from_input_ids",
+                        classmethod(lambda cls, *a, **k: calls.append(1) or real(cls, *a, **k)))
+    moss(input_ids=interleaved_ids()[0])
+    assert len(calls) == 1
+
+
+def test_a_layer_outside_the_wrapped_forward_says_so():
+    moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
+    with pytest.raises(RuntimeError, match="outside MossModel.forward"):
+        moss.model(input_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_unload_restores_the_base_exactly():
+    base = tiny_llama()
+    base.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a user's own freeze
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    state = copy.deepcopy(base.state_dict())
+    ids = torch.randint(0, 80, (2, 9))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    moss = get_moss_model(base, MossConfig(r_text=4, r_image=4))
+    _randomize_B(moss)
+    restored = moss.unload()
+    assert restored is base
+    assert not any(type(m).__name__ == "MossLinear" for m in restored.modules())
+    assert {n: p.requires_grad for n, p in restored.named_parameters()} == flags
+    assert state.keys() == restored.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in restored.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=ids).logits, want)
+    get_moss_model(restored, MossConfig(r_text=2, r_image=2))  # can be wrapped again
+
+
+def test_training_lowers_the_loss():
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=4, image_grid=GRID))
+    ids, mask = interleaved_ids()
+    # Text-token targets: transformers' Chameleon gives image tokens no logits (a loss over
+    # them is inf), lifting that is a separate option.
+    labels = torch.where((mask == 1) & ~torch.isin(ids, torch.tensor(IMG)), ids, -100)
+    opt = torch.optim.AdamW([p for p in moss.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    moss.train()
+    for _ in range(25):
+        loss = moss(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # (A tiny random backbone plateaus early; PEFT's LoRA on it does the same.)
+    assert sum(losses[-5:]) / 5 < 0.9 * losses[0]
+
+
+def test_dropout_applies_to_the_adapters_only_and_only_in_training():
+    moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4, dropout=0.5))
+    _randomize_B(moss)
+    ids = torch.randint(0, 80, (1, 8))
+    plain = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
+    plain.load_state_dict(moss.state_dict())
+    with torch.no_grad():
+        moss.eval(), plain.eval()
+        torch.testing.assert_close(moss(input_ids=ids).logits, plain(input_ids=ids).logits)
+        moss.train()
+        assert not torch.allclose(moss(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID,
+                                                       alpha_image=5.0))
+    _randomize_B(moss)
+    ids, mask = interleaved_ids()
+    with torch.no_grad():
+        want = moss(input_ids=ids, attention_mask=mask).logits
+    moss.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moss_adapter.safetensors",
+                                                          "moss_config.json"]
+    loaded = MossModel.from_pretrained(tiny_chameleon(), tmp_path)
+    assert loaded.moss_config == moss.moss_config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, want,
+                                   rtol=0, atol=0)
+    moss.save_pretrained(tmp_path)  # overwriting an existing checkpoint is fine
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_load_errors(tmp_path):
+    moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
+    moss.save_pretrained(tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="moss_config.json does not exist"):
+        MossModel.from_pretrained(tiny_llama(), tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="does not match the adapter's base model"):
+        MossModel.from_pretrained(tiny_llama(layers=3), tmp_path / "ok")
+    with pytest.raises(ValueError, match=r"\.(text|image)_[AB]: expected shape \(\d+, \d+(, \d+, \d+)?\), the file has"):
+        MossModel.from_pretrained(tiny_llama(hidden=48), tmp_path / "ok")
+    # A truncated weights file.
+    bad = tmp_path / "ok" / "moss_adapter.safetensors"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="SHA-256 does not match"):
+        MossModel.from_pretrained(tiny_llama(), tmp_path / "ok")
+    bad.write_bytes(data)
+    cfg_path = tmp_path / "ok" / "moss_config.json"
+    meta = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version"):
+        MossModel.from_pretrained(tiny_llama(), tmp_path / "ok")
+    cfg_path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        MossModel.from_pretrained(tiny_llama(), tmp_path / "ok")
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
+    moss.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _randomize_B(moss)
+    import safetensors.torch
+
+    def crash(tensors, filename):
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        moss.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    MossModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(r_text=0), ValueError, "r_text: expected an int >= 1"),
+    (dict(kernel_size=1.5), ValueError, "kernel_size"),
+    (dict(alpha_image=0), ValueError, "alpha_image: expected a number > 0"),
+    (dict(dropout=1.0), ValueError, r"dropout: expected a number in \[0, 1\)"),
+    (dict(image_adapter="lora"), ValueError, "image_adapter: expected one of shared, moe"),
+    (dict(target_modules="q_proj"), ValueError, "target_modules"),
+    (dict(image_token_ids=[-1]), ValueError, "image_token_ids"),
+    (dict(image_grid=(0, 2)), ValueError, "image_grid"),
+    (dict(backend="fast"), ValueError, "backend: expected one of"),
+    (dict(causal="yes"), TypeError, "causal: expected a bool"),
+])
+def test_config_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MossConfig(**kwargs)
+
+
+def test_config_round_trip_and_injection_errors():
+    cfg = MossConfig(image_adapter="moe", image_grid=(4, 4), image_token_ids=[5, 6])
+    assert MossConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.window == 1 and MossConfig().window == 2
+    with pytest.raises(ValueError, match="unknown fields"):
+        MossConfig.from_dict({**cfg.to_dict(), "rank": 3})
+    with pytest.raises(TypeError, match="model: expected a torch nn.Module"):
+        get_moss_model("llama", cfg)
+    with pytest.raises(ValueError, match="target_modules: no nn.Linear named"):
+        get_moss_model(tiny_llama(), MossConfig(target_modules=["nope"]))
+    moss = get_moss_model(tiny_llama(), MossConfig())
+    with pytest.raises(ValueError, match="already holds MOSS layers"):
+        get_moss_model(moss.model, MossConfig())
+    with pytest.raises(ValueError, match="image_grid: the backbone has image tokens but no"):
+        get_moss_model(tiny_llama(), MossConfig(image_token_ids=[5]))
