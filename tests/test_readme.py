@@ -20,6 +20,8 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_second():
 
 
 def test_readme_usage_example_runs(capsys):
-    (example,) = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)
+    # The first example (the kernel API) is self-contained; the second sketches the moss/
+    # layer around a model the reader brings, and tests/test_moss_model.py covers it.
+    example = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)[0]
     exec(compile(example, "README.md", "exec"), {})
     assert capsys.readouterr().out.split() == ["tensor([[1,", "2,", "2],", "[5,", "2,", "2]])"]
