@@ -1,13 +1,13 @@
 """MossLinear: a frozen ``nn.Linear`` wrapped (never subclassed) with the MOSS adapters.
 
-Every wrapped layer of one model reads the same routing plan from a shared :class:`Router`,
-which :class:`moss.model.MossModel` fills once per forward, so the plan is built once per batch
-however many layers there are.
+Every wrapped layer of one model reads the current call's routing from a shared
+:class:`moss.router.Router`: a RoutingPlan (built once per call) for full forwards, or the
+decode step's token kinds and image positions, with this layer's ring of tap products, for
+incremental generation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -17,35 +17,7 @@ from torch import nn
 import moss_kernels as mk
 
 from .config import MossConfig
-
-
-class Router:
-    """The current batch's routing plans, one per window size, built on first use."""
-
-    def __init__(self):
-        self._build = None
-        self._plans: dict = {}
-
-    @contextlib.contextmanager
-    def routing(self, build):
-        """``build(window: int, shared: bool) -> RoutingPlan`` serves plans inside the block."""
-        if self._build is not None:
-            raise RuntimeError("MossModel.forward is already running (nested calls are not supported)")
-        self._build, self._plans = build, {}
-        try:
-            yield
-        finally:
-            self._build, self._plans = None, {}
-
-    def plan(self, window: int, shared: bool) -> mk.RoutingPlan:
-        if self._build is None:
-            raise RuntimeError(
-                "a MOSS layer ran outside MossModel.forward: call the wrapped model (the object "
-                "get_moss_model returned), which routes the batch, not its inner modules")
-        key = (window, shared)
-        if key not in self._plans:
-            self._plans[key] = self._build(window, shared)
-        return self._plans[key]
+from .router import Router, ring_size
 
 
 class MossLinear(nn.Module):
@@ -84,6 +56,69 @@ class MossLinear(nn.Module):
         return self.image_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._router.mode == "decode":
+            return self._decode(x)
+        y = self._full(x)
+        if self._router.fill and self.variant != "shared" and self._router.grid:
+            with torch.no_grad():
+                self._seed_ring(x)
+        return y
+
+    def _taps(self, dtype) -> torch.Tensor:
+        """``[K*K*R_i, D_in]``: one block of rows per tap (tap = p*K + q)."""
+        a = self.image_kernel().to(dtype)
+        r, d_in, k, _ = a.shape
+        return a.permute(2, 3, 0, 1).reshape(k * k * r, d_in)
+
+    def _seed_ring(self, x: torch.Tensor) -> None:
+        """After a prefill, keep the tap products of each row's last L tokens, at the ring
+        slots of their positions in the image the prompt ends in (if any)."""
+        router = self._router
+        h, w = router.grid
+        b, t = x.shape[0], x.shape[1]
+        n_slots = ring_size(self.window, w)
+        back = torch.arange(n_slots, device=x.device)
+        rows = (t - 1 - back).clamp(min=0)
+        pos_last = (router.run - 1).clamp(min=0) % (h * w)
+        slots = (pos_last[:, None] - back[None]) % n_slots  # distinct within a row
+        taps = x[:, rows] @ self._taps(x.dtype).t()  # [B, L, K*K*R_i]
+        ring = torch.zeros_like(taps).scatter_(1, slots[..., None].expand_as(taps), taps)
+        router.rings[id(self)] = ring
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence: the base layer plus a plain LoRA for text tokens, and
+        for image tokens K*K rank-R reads from the ring of past tap products."""
+        router, step = self._router, self._router.step
+        xs = x[:, -1]  # [B, D_in]
+        y = F.linear(xs, self.base.weight.to(x.dtype),
+                     None if self.base.bias is None else self.base.bias.to(x.dtype))
+        text = step.is_text | step.is_image if self.variant == "shared" else step.is_text
+        lora = F.linear(F.linear(xs, self.text_A.to(x.dtype)), self.text_B.to(x.dtype))
+        y = y + self.text_scale * lora * text[:, None]
+        if self.variant != "shared" and router.grid:
+            h, w = step.grid
+            k, r = self.window, self.image_B.shape[1]
+            batch = torch.arange(xs.shape[0], device=x.device)
+            ring = router.rings.get(id(self))
+            if ring is None:
+                ring = xs.new_zeros(xs.shape[0], ring_size(k, w), k * k * r)
+                router.rings[id(self)] = ring
+            n_slots = ring.shape[1]
+            taps = xs @ self._taps(x.dtype).t()  # [B, K*K*R_i]
+            slot = step.pos % n_slots
+            ring[batch, slot] = torch.where(step.is_image[:, None], taps, ring[batch, slot])
+            row, col = step.pos // w, step.pos % w
+            z = xs.new_zeros(xs.shape[0], r)
+            for p in range(k):  # causal: offsets -(K-1)..0 in rows and columns
+                for q in range(k):
+                    dr, dc, tap = p - (k - 1), q - (k - 1), p * k + q
+                    ok = step.is_image & (row + dr >= 0) & (col + dc >= 0)
+                    src = (step.pos + dr * w + dc) % n_slots
+                    z = z + torch.where(ok[:, None], ring[batch, src, tap * r:(tap + 1) * r], 0)
+            y = y + self.image_scale * F.linear(z, self.image_B.to(x.dtype))
+        return y[:, None]
+
+    def _full(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.variant == "shared"
         plan = self._router.plan(1 if shared else self.window, shared)
         cast = lambda t: t.to(x.dtype)  # noqa: E731 -- adapters may be kept in fp32

@@ -2,9 +2,12 @@
 
 ``get_moss_model(hf_model, cfg)`` wraps the target ``nn.Linear`` layers of that one model
 instance (never a global patch) with :class:`moss.layer.MossLinear`, freezes everything else,
-and returns a :class:`MossModel`, whose ``forward`` builds the routing plan once per batch
-(from ``input_ids`` for token-based backbones, or from an explicit ``route`` / ``images``
-layout) and then runs the backbone. ``unload()`` puts the original layers back.
+and returns a :class:`MossModel`. Each call of the backbone is routed by a forward pre-hook on
+it: from an explicit ``route`` / ``images`` layout given to ``MossModel.forward``, else from
+``input_ids`` (a full forward builds one RoutingPlan; a call with a non-empty KV cache is a
+decode step, served from the layers' rings of past tap products, see moss/router.py), so
+``MossModel.generate`` is transformers' own ``generate`` and KV cache. ``unload()`` removes the
+hooks and puts the original layers back.
 
 Checkpoints are two files: ``moss_adapter.safetensors`` (adapter tensors only) and
 ``moss_config.json`` (the MossConfig with a format version, the wrapped layers' names, and the
@@ -28,7 +31,8 @@ import moss_kernels as mk
 
 from .backbones import image_vocabulary
 from .config import MossConfig
-from .layer import MossLinear, Router
+from .layer import MossLinear
+from .router import Router
 
 WEIGHTS_NAME = "moss_adapter.safetensors"
 CONFIG_NAME = "moss_config.json"
@@ -66,54 +70,74 @@ class MossModel(nn.Module):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
                     MossLinear(linear, cfg, self.router))
+        self._hooks = [model.register_forward_pre_hook(self._route_call, with_kwargs=True),
+                       model.register_forward_hook(lambda *_: self.router.end(), always_call=True)]
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, route=None,
                 images=None, cu_seqlens=None, **kwargs):
-        """Route the batch, then run the backbone.
+        """Run the backbone on a routed batch.
 
         ``route`` [B, T] (-1 padding, 0 text, 1 image) with ``images`` [n, 3] rows
         ``(flat start, H, W)`` give the layout explicitly (embedding-fed backbones, Emu2);
         otherwise it follows from ``input_ids`` (image token ids and grid of the backbone or
         the MossConfig) and ``attention_mask``.
         """
-        build = self._plan_builder(input_ids, attention_mask, inputs_embeds, route, images,
-                                   cu_seqlens)
-        with self.router.routing(build):
+        if route is not None:
+            shape = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
+            self.router.begin_plan(self._layout_builder(route, images, shape, cu_seqlens))
+        try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask,
                               inputs_embeds=inputs_embeds, **kwargs)
+        finally:
+            self.router.end()
 
-    def _plan_builder(self, input_ids, attention_mask, inputs_embeds, route, images, cu_seqlens):
-        causal = self.moss_config.causal
-        if route is not None:
-            if images is None:
-                raise ValueError("images: required with route (use an empty [0, 3] tensor for none)")
-            shape = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
-            if tuple(route.shape) != tuple(shape) and route.numel() != shape.numel():
-                raise ValueError(f"route: expected shape {tuple(shape)} like the inputs, got "
-                                 f"{tuple(route.shape)}")
-            route = route.reshape(shape) if cu_seqlens is None else route.reshape(-1)
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate`` with the incremental ConvLoRA decode state."""
+        if not self.moss_config.causal:
+            raise ValueError("causal: adapters trained with causal=False see tokens to their "
+                             "right and cannot decode incrementally")
+        return self.model.generate(*args, **kwargs)
 
-            images = torch.as_tensor(images, dtype=torch.int64, device=route.device).reshape(-1, 3)
-
-            def build(window, shared):
-                r = torch.where(route == 1, 0, route) if shared else route
-                spans = images[:0] if shared else images
-                return mk.RoutingPlan.from_spans(r, spans, kernel_size=window, causal=causal,
-                                                 cu_seqlens=cu_seqlens)
-            return build
+    def _route_call(self, module, args, kwargs):
+        if self.router.active:  # the layout came from MossModel.forward
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("input_ids or route: give the token ids, or the explicit layout "
                              "(route and images) when feeding inputs_embeds")
-        ids, grid = self.image_token_ids, self.image_grid
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        if past:
+            self.router.begin_decode(input_ids, self.image_token_ids, mask)
+            return
+        ids, grid, causal = self.image_token_ids, self.image_grid, self.moss_config.causal
 
         def build(window, shared):
-            if ids is None or shared:
-                plan_ids = torch.zeros_like(input_ids)  # every token text
-                return mk.RoutingPlan.from_input_ids(plan_ids, [1], (1, 1), attention_mask,
-                                                     kernel_size=window, causal=causal)
-            return mk.RoutingPlan.from_input_ids(input_ids, ids, grid, attention_mask,
-                                                 kernel_size=window, causal=causal)
+            if ids is None or shared:  # every (unpadded) token text
+                return mk.RoutingPlan.from_input_ids(torch.zeros_like(input_ids), [1], (1, 1),
+                                                     mask, kernel_size=window, causal=causal)
+            return mk.RoutingPlan.from_input_ids(input_ids, ids, grid, mask, kernel_size=window,
+                                                 causal=causal)
+        self.router.begin_plan(build, prefill_ids=input_ids if cache is not None else None,
+                               image_ids=ids, grid=grid, mask=mask)
+
+    def _layout_builder(self, route, images, shape, cu_seqlens):
+        if images is None:
+            raise ValueError("images: required with route (use an empty [0, 3] tensor for none)")
+        if route.numel() != shape.numel():
+            raise ValueError(f"route: expected shape {tuple(shape)} like the inputs, got "
+                             f"{tuple(route.shape)}")
+        route = route.reshape(shape) if cu_seqlens is None else route.reshape(-1)
+        images = torch.as_tensor(images, dtype=torch.int64, device=route.device).reshape(-1, 3)
+        causal = self.moss_config.causal
+
+        def build(window, shared):
+            r = torch.where(route == 1, 0, route) if shared else route
+            return mk.RoutingPlan.from_spans(r, images[:0] if shared else images,
+                                             kernel_size=window, causal=causal,
+                                             cu_seqlens=cu_seqlens)
         return build
 
     # ------------------------------------------------------------------ adapters
@@ -123,6 +147,8 @@ class MossModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Put the original linear layers back and return the backbone, unchanged."""
+        for hook in self._hooks:
+            hook.remove()
         for name in self.wrapped:
             parent, _, child = name.rpartition(".")
             owner = self.model.get_submodule(parent) if parent else self.model

@@ -136,10 +136,15 @@ def test_plan_is_built_once_per_forward(monkeypatch):
     assert len(calls) == 1
 
 
-def test_a_layer_outside_the_wrapped_forward_says_so():
-    moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
+def test_the_backbone_is_routed_however_it_is_called_but_a_lone_layer_says_so():
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=4, image_grid=GRID))
+    _randomize_B(moss)
+    ids, mask = interleaved_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(moss.model(input_ids=ids, attention_mask=mask).logits,
+                                   moss(input_ids=ids, attention_mask=mask).logits)
     with pytest.raises(RuntimeError, match="outside MossModel.forward"):
-        moss.model(input_ids=torch.ones(1, 3, dtype=torch.long))
+        moss.model.model.layers[0].mlp.up_proj(torch.randn(1, 3, 32))
 
 
 def test_unload_restores_the_base_exactly():
@@ -290,3 +295,64 @@ def test_config_round_trip_and_injection_errors():
         get_moss_model(moss.model, MossConfig())
     with pytest.raises(ValueError, match="image_grid: the backbone has image tokens but no"):
         get_moss_model(tiny_llama(), MossConfig(image_token_ids=[5]))
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed past_key_values to cache in 5.x; take whichever forward has."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decode_sequence():
+    """Row 0: text, a 3 x 3 image, a second image back to back (a run longer than H*W), text.
+    Row 1, left-padded, is at other positions within its images."""
+    a = [1, 7] + IMG[:9] + IMG[9:14] + [9, 10] + IMG[14:17]
+    b = [0, 0, 11] + IMG[17:26] + [13] + IMG[26:31] + [14, 15, 16]
+    ids = torch.tensor([a, b])
+    mask = torch.tensor([[1] * len(a), [0] * 2 + [1] * (len(b) - 2)])
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant,k", [("conv", 2), ("conv", 3), ("moe", 2), ("conv_rank", 2),
+                                       ("shared", 2)])
+def test_prefill_then_token_by_token_decode_equals_the_full_forward(variant, k):
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, kernel_size=k,
+                                                       image_adapter=variant, image_grid=GRID))
+    _randomize_B(moss, scale=1.0)
+    ids, mask = decode_sequence()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_kw = _cache_kwarg(moss.model)
+    with torch.no_grad():
+        full = moss(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        for prefix in (3, 6):  # the prompt ends in text / inside an image
+            cache = transformers.DynamicCache()
+            out = moss(input_ids=ids[:, :prefix], attention_mask=mask[:, :prefix],
+                       position_ids=positions[:, :prefix], use_cache=True, **{cache_kw: cache})
+            torch.testing.assert_close(out.logits, full[:, :prefix], rtol=1e-4, atol=1e-4)
+            for t in range(prefix, ids.shape[1]):
+                out = moss(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                           position_ids=positions[:, t:t + 1], use_cache=True, **{cache_kw: cache})
+                torch.testing.assert_close(out.logits[:, -1], full[:, t], rtol=1e-4, atol=1e-4,
+                                           msg=f"prefix {prefix}, step {t}")
+
+
+def test_generate_uses_the_decode_state():
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID))
+    _randomize_B(moss, scale=1.0)
+    ids, mask = decode_sequence()
+    prompt, pmask = ids[:, :8], mask[:, :8]  # ends inside an image
+    with torch.no_grad():
+        out = moss.generate(input_ids=prompt, attention_mask=pmask, max_new_tokens=4,
+                            do_sample=False)
+        # The same greedy tokens from full forwards over the growing sequence.
+        seq, smask = prompt, pmask
+        for _ in range(4):
+            pos = (smask.cumsum(-1) - 1).clamp(min=0)
+            nxt = moss(input_ids=seq, attention_mask=smask, position_ids=pos).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            smask = torch.cat([smask, torch.ones_like(nxt)[:, None]], 1)
+    assert torch.equal(out[:, -4:], seq[:, -4:])
+    with pytest.raises(ValueError, match="causal"):
+        get_moss_model(tiny_chameleon(), MossConfig(causal=False, kernel_size=3,
+                                                    image_grid=GRID)).generate(input_ids=prompt)
