@@ -38,3 +38,29 @@ def image_vocabulary(model: nn.Module, cfg: MossConfig) -> tuple[list[int] | Non
             "image_grid: the backbone has image tokens but no known grid; set "
             "MossConfig(image_grid=(H, W))")
     return ids, grid
+
+
+class _UnmaskedVocabulary:
+    """Chameleon's image-vocabulary mapping with an empty ``image_tokens`` list: transformers'
+    Chameleon sets the logits of those ids to the dtype's minimum (a text-only model), which
+    makes a loss over image tokens inf and interleaved generation impossible. Everything else
+    is the wrapped mapping's."""
+
+    def __init__(self, mapping):
+        self._mapping = mapping
+
+    image_tokens: list = []
+
+    def __getattr__(self, name):
+        return getattr(self._mapping, name)
+
+
+def unmask_image_logits(model: nn.Module):
+    """Lift Chameleon's image-logit mask on this one model instance; returns the undo, or
+    None when the model masks nothing (only Chameleon does)."""
+    inner = getattr(model, "model", None)
+    mapping = getattr(inner, "vocabulary_mapping", None)
+    if mapping is None or isinstance(mapping, _UnmaskedVocabulary):
+        return None
+    inner.vocabulary_mapping = _UnmaskedVocabulary(mapping)
+    return lambda: setattr(inner, "vocabulary_mapping", mapping)

@@ -29,7 +29,7 @@ from torch import nn
 
 import moss_kernels as mk
 
-from .backbones import image_vocabulary
+from .backbones import image_vocabulary, unmask_image_logits
 from .config import MossConfig
 from .layer import MossLinear
 from .router import Router
@@ -38,21 +38,26 @@ WEIGHTS_NAME = "moss_adapter.safetensors"
 CONFIG_NAME = "moss_config.json"
 
 
-def get_moss_model(model: nn.Module, cfg: MossConfig) -> MossModel:
-    """Wrap ``model``'s target linear layers with MOSS adapters and freeze the rest."""
+def get_moss_model(model: nn.Module, cfg: MossConfig, image_logits: bool = False) -> MossModel:
+    """Wrap ``model``'s target linear layers with MOSS adapters and freeze the rest.
+
+    ``image_logits=True`` lifts transformers' Chameleon mask on image-token logits for this
+    model (needed to train on image tokens and to generate images); ``unload()`` restores it.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch nn.Module, got {type(model).__name__}")
     if not isinstance(cfg, MossConfig):
         raise TypeError(f"cfg: expected a moss.MossConfig, got {type(cfg).__name__}")
     if any(isinstance(m, MossLinear) for m in model.modules()):
         raise ValueError("model: already holds MOSS layers (call unload() first)")
-    return MossModel(model, cfg)
+    return MossModel(model, cfg, image_logits)
 
 
 class MossModel(nn.Module):
-    def __init__(self, model: nn.Module, cfg: MossConfig):
+    def __init__(self, model: nn.Module, cfg: MossConfig, image_logits: bool = False):
         super().__init__()
         self.model = model
+        self._restore_mask = unmask_image_logits(model) if image_logits else None
         self.moss_config = cfg
         self.router = Router()
         self.image_token_ids, self.image_grid = image_vocabulary(model, cfg)
@@ -149,6 +154,8 @@ class MossModel(nn.Module):
         """Put the original linear layers back and return the backbone, unchanged."""
         for hook in self._hooks:
             hook.remove()
+        if self._restore_mask is not None:
+            self._restore_mask()
         for name in self.wrapped:
             parent, _, child = name.rpartition(".")
             owner = self.model.get_submodule(parent) if parent else self.model
@@ -170,7 +177,8 @@ class MossModel(nn.Module):
                       lambda f: Path(f).write_text(json.dumps(meta, indent=2) + "\n"))
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> MossModel:
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike,
+                        image_logits: bool = False) -> MossModel:
         from safetensors.torch import load_file
 
         folder = Path(path)
@@ -186,7 +194,7 @@ class MossModel(nn.Module):
         if digest != _sha256(folder / WEIGHTS_NAME):
             raise ValueError(f"{folder / WEIGHTS_NAME}: its SHA-256 does not match the one in "
                              f"{CONFIG_NAME} (a truncated, corrupted or mismatched file)")
-        moss = get_moss_model(model, MossConfig.from_dict(meta))
+        moss = get_moss_model(model, MossConfig.from_dict(meta), image_logits)
         if wrapped is not None and wrapped != moss.wrapped:
             missing = sorted(set(wrapped) - set(moss.wrapped))
             extra = sorted(set(moss.wrapped) - set(wrapped))

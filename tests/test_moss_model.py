@@ -356,3 +356,16 @@ def test_generate_uses_the_decode_state():
     with pytest.raises(ValueError, match="causal"):
         get_moss_model(tiny_chameleon(), MossConfig(causal=False, kernel_size=3,
                                                     image_grid=GRID)).generate(input_ids=prompt)
+
+
+def test_image_logits_option_lifts_chameleons_mask_and_unload_restores_it():
+    ids, mask = interleaved_ids()
+    labels = torch.where(mask == 1, ids, -100)  # includes image tokens
+    masked = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=4, image_grid=GRID))
+    assert torch.isinf(masked(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    base = tiny_chameleon()
+    moss = get_moss_model(base, MossConfig(r_text=4, r_image=4, image_grid=GRID), image_logits=True)
+    out = moss(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.logits[..., IMG]).all()
+    moss.unload()
+    assert (base(input_ids=ids).logits[..., IMG] == torch.finfo(torch.float32).min).all()
