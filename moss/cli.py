@@ -1,4 +1,10 @@
-"""The ``moss`` command line: ``moss info`` and ``moss bench`` (``python -m moss`` works too)."""
+"""The ``moss`` command line (``python -m moss`` works too):
+
+    moss info        versions, hardware, extension build and backends (or why not)
+    moss bench       the benchmark (moss/bench/)
+    moss train       train adapters (a built-in tiny Chameleon and shipped sample by default)
+    moss generate    interleaved output from a trained adapter
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,16 @@ from . import bench
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moss", description=__doc__)
+    from .train import add_generate_arguments, add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="moss", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, hardware, extension build and backends (or why not)")
     bench.add_arguments(sub.add_parser(
-        "bench", help="time moss_linear on every available backend against F.linear"))
+        "bench", help="time every backend against F.linear and the alternatives"))
+    add_train_arguments(sub.add_parser("train", help="train MOSS adapters"))
+    add_generate_arguments(sub.add_parser("generate", help="generate with a trained adapter"))
     return parser
 
 
@@ -22,5 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         from .info import report
 
         print(report())
+        return 0
+    if args.command == "train":
+        from .train import train
+
+        print(f"saved {train(args)}")
+        return 0
+    if args.command == "generate":
+        from .train import generate
+
+        print(generate(args))
         return 0
     return bench.main(args)

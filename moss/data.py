@@ -1,0 +1,138 @@
+"""Interleaved instruction data: JSONL records in a LEAF-INSTRUCT-like schema -> training batches.
+
+One record a line::
+
+    {"id": "shape-3",
+     "segments": [
+        {"role": "user", "type": "text", "text": "Draw a red square."},
+        {"role": "assistant", "type": "image", "codes": [12, 12, 40, ...]},   # H*W VQ codes
+        {"role": "assistant", "type": "text", "text": "A red square."}]}
+
+Text goes through the backbone's tokenizer; an image is its VQ code list (row-major, H*W codes)
+mapped to the backbone's image token ids and wrapped in begin/end-of-image tokens. Labels cover
+the assistant segments only (the response); ``include_image_loss=False`` leaves image tokens out
+of the loss. The layout needs nothing more: image tokens are recognised by id (routing from
+``input_ids``). Image files (rather than codes) need a VQ tokenizer and are not read yet.
+Malformed records raise ``ValueError`` naming the file, line, record and field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Vocabulary:
+    """How a backbone spells things: a text encoder and the image token ids."""
+
+    encode_text: object  # str -> list[int]
+    code_to_token: list[int]  # VQ code -> token id
+    begin_image: int
+    end_image: int
+    grid: tuple[int, int]
+    bos: int | None = None
+    eos: int | None = None
+    pad: int = 0
+
+    def image(self, codes: list[int]) -> list[int]:
+        return [self.begin_image] + [self.code_to_token[c] for c in codes] + [self.end_image]
+
+
+@dataclass
+class Example:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _fail(where: str, field: str, what: str):
+    raise ValueError(f"{where}: {field}: {what}")
+
+
+def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: str) -> Example:
+    if not isinstance(record, dict):
+        _fail(where, "record", f"expected a JSON object, got {type(record).__name__}")
+    rid = str(record.get("id", where))
+    where = f"{where} (id {rid!r})"
+    segments = record.get("segments")
+    if not isinstance(segments, list) or not segments:
+        _fail(where, "segments", "expected a non-empty list")
+    ids = [vocab.bos] if vocab.bos is not None else []
+    labels = [IGNORE] * len(ids)
+    n_codes = vocab.grid[0] * vocab.grid[1]
+    for i, seg in enumerate(segments):
+        field = f"segments[{i}]"
+        if not isinstance(seg, dict):
+            _fail(where, field, "expected an object")
+        role, kind = seg.get("role", "user"), seg.get("type")
+        if role not in ("user", "assistant"):
+            _fail(where, f"{field}.role", f"expected 'user' or 'assistant', got {role!r}")
+        if kind == "text":
+            text = seg.get("text")
+            if not isinstance(text, str) or not text:
+                _fail(where, f"{field}.text", "expected a non-empty string")
+            toks = list(vocab.encode_text(text))
+            learn = role == "assistant"
+        elif kind == "image":
+            if "codes" not in seg:
+                what = ("image files need a VQ tokenizer, which is not wired in yet; give the "
+                        "VQ codes") if "path" in seg else "missing"
+                _fail(where, f"{field}.codes", what)
+            codes = seg["codes"]
+            if (not isinstance(codes, list) or len(codes) != n_codes or not all(
+                    isinstance(c, int) and not isinstance(c, bool)
+                    and 0 <= c < len(vocab.code_to_token) for c in codes)):
+                _fail(where, f"{field}.codes", f"expected {n_codes} ints (a {vocab.grid[0]} x "
+                      f"{vocab.grid[1]} grid) in [0, {len(vocab.code_to_token)})")
+            toks = vocab.image(codes)
+            learn = role == "assistant" and include_image_loss
+        else:
+            _fail(where, f"{field}.type", f"expected 'text' or 'image', got {kind!r}")
+        ids += toks
+        labels += toks if learn else [IGNORE] * len(toks)
+    if vocab.eos is not None:
+        ids.append(vocab.eos)
+        labels.append(vocab.eos if segments[-1].get("role", "user") == "assistant" else IGNORE)
+    if all(label == IGNORE for label in labels):
+        _fail(where, "segments", "no assistant segment to learn from")
+    return Example(rid, ids, labels)
+
+
+def load_jsonl(path: str | Path, vocab: Vocabulary, include_image_loss: bool = True) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data: {path} does not exist")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            examples.append(encode_record(record, vocab, include_image_loss, where))
+    if not examples:
+        raise ValueError(f"data: {path} holds no records")
+    return examples
+
+
+def collate(examples: list[Example], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (padding never learned)."""
+    t = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), t), pad, dtype=torch.long)
+    labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), t), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,241 @@
+"""``moss train`` and ``moss generate``: adapters only, on a built-in tiny Chameleon by default.
+
+Training: AdamW over the adapter parameters, linear warm-up then cosine decay, gradient
+accumulation, gradient-norm clipping, bf16 autocast on a GPU, a progress bar with the loss, one
+JSON line per step in ``<out>/train.log``. Checkpoints go to ``<out>/checkpoint-<step>/``
+(adapter files + trainer state: optimizer, schedule, step, RNG), written into a temporary
+folder that is renamed into place, then named in ``<out>/latest`` (written atomically), so a
+crash leaves the previous checkpoint whole; ``--resume`` continues from the latest one and ends
+where an uninterrupted run ends (the data order is a function of the seed and the step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import VARIANTS, MossConfig
+from .data import Vocabulary, collate, load_jsonl
+from .model import MossModel, _atomic_write, get_moss_model
+
+SAMPLE = Path(__file__).parent / "samples" / "interleaved.jsonl"
+
+
+def backbone(model_path: str | None):
+    """``(hf_model, Vocabulary, decode)`` for the built-in tiny model or a local checkpoint."""
+    if model_path is None:
+        from . import tiny
+
+        tok = tiny.ByteTokenizer()
+        vocab = Vocabulary(tok.encode, [tiny.FIRST_CODE + i for i in range(tiny.CODES)],
+                           tiny.SPECIALS["<racm3:break>"], tiny.SPECIALS["<eoss>"], tiny.GRID,
+                           bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
+        return tiny.build(), vocab, tok.decode
+    path = Path(model_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model: {path} is not a local checkpoint folder")
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    vmap = getattr(model.config, "vocabulary_map", None)
+    if not vmap:
+        raise ValueError(f"--model: {path} has no image vocabulary (config.vocabulary_map); "
+                         f"moss train reads Chameleon-style checkpoints")
+    mapping = model.model.vocabulary_mapping
+    codes = [mapping.img2bpe[c] for c in sorted(mapping.img2bpe)]
+    vq = model.config.vq_config
+    side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
+    vocab = Vocabulary(lambda s: tok.encode(s, add_special_tokens=False), codes,
+                       vmap["<racm3:break>"], vmap["<eoss>"], (side, side),
+                       bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id or 0)
+    return model, vocab, tok.decode
+
+
+def schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(step: int, micro: int, accum: int, batch: int, n: int, seed: int) -> list[int]:
+    """Examples of one micro-batch: epochs are seeded permutations, so the order depends only
+    on (seed, step), and a resumed run sees exactly what an uninterrupted one would."""
+    first = (step * accum + micro) * batch
+    out = []
+    for k in range(first, first + batch):
+        epoch, i = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local Chameleon checkpoint (default: built-in tiny)")
+    p.add_argument("--data", type=Path, default=SAMPLE, help="JSONL records (default: shipped sample)")
+    p.add_argument("--out", type=Path, default=Path("moss-run"), help="run folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--kernel-size", type=int, default=2)
+    p.add_argument("--variant", choices=VARIANTS, default="conv")
+    p.add_argument("--no-image-loss", action="store_true", help="learn text tokens only")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/latest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default=None, help="moss_kernels backend (default: fastest)")
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Returns the folder of the final checkpoint."""
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "rank", "kernel_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"moss train: --{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or args.lr <= 0:
+        raise SystemExit("moss train: --warmup must be >= 0 and --lr > 0")
+    torch.manual_seed(args.seed)
+    model, vocab, _ = backbone(args.model)
+    image_loss = not args.no_image_loss
+    cfg = MossConfig(r_text=args.rank, r_image=args.rank, alpha_text=args.alpha,
+                     alpha_image=args.alpha, kernel_size=args.kernel_size,
+                     image_adapter=args.variant, image_grid=vocab.grid, backend=args.backend)
+    examples = load_jsonl(args.data, vocab, include_image_loss=image_loss)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    latest = out / "latest"
+    start = 0
+    if args.resume and latest.is_file():
+        ckpt = out / latest.read_text().strip()
+        moss = MossModel.from_pretrained(model, ckpt, image_logits=image_loss)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        start = state["step"]
+    else:
+        moss = get_moss_model(model, cfg, image_logits=image_loss)
+        state = None
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    moss.to(device)
+    params = [p for p in moss.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, args.steps, args.warmup))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.random.set_rng_state(state["rng"])
+
+    from tqdm import tqdm
+
+    moss.train()
+    log = open(out / "train.log", "a", encoding="utf-8")
+    final = out / latest.read_text().strip() if latest.is_file() else None
+    with tqdm(total=args.steps, initial=start, desc="train", file=sys.stderr, disable=None) as bar:
+        for step in range(start, args.steps):
+            t0, total_loss = time.perf_counter(), 0.0
+            for micro in range(args.grad_accum):
+                idx = batch_indices(step, micro, args.grad_accum, args.batch_size, len(examples),
+                                    args.seed)
+                batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx],
+                                                             vocab.pad).items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                    loss = moss(**batch).loss / args.grad_accum
+                loss.backward()
+                total_loss += loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss:.4f}")
+            log.write(json.dumps({"step": step + 1, "loss": total_loss,
+                                  "lr": sched.get_last_lr()[0], "grad_norm": float(norm),
+                                  "seconds": time.perf_counter() - t0}) + "\n")
+            log.flush()
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                final = save_checkpoint(moss, opt, sched, step + 1, out)
+    log.close()
+    return final
+
+
+def save_checkpoint(moss, opt, sched, step: int, out: Path) -> Path:
+    target = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    moss.save_pretrained(tmp)
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "rng": torch.random.get_rng_state()}
+    _atomic_write(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    previous = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
+    _atomic_write(out / "latest", lambda f: Path(f).write_text(target.name))
+    if previous and previous != target.name:
+        shutil.rmtree(out / previous, ignore_errors=True)
+    return target
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", type=Path, required=True, help="a checkpoint folder of moss train")
+    p.add_argument("--model", default=None, help="the base it was trained on (default: built-in tiny)")
+    p.add_argument("--prompt", default="Draw a red square.")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def generate(args: argparse.Namespace) -> str:
+    """Interleaved output: text, and each generated image as its grid of VQ codes."""
+    if args.max_new_tokens < 1:
+        raise SystemExit("moss generate: --max-new-tokens must be >= 1")
+    torch.manual_seed(args.seed)
+    model, vocab, decode = backbone(args.model)
+    moss = MossModel.from_pretrained(model, args.adapter, image_logits=True).eval()
+    ids = ([vocab.bos] if vocab.bos is not None else []) + list(vocab.encode_text(args.prompt))
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        out = moss.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                            max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                            pad_token_id=vocab.pad, eos_token_id=vocab.eos)
+    return render(out[0, prompt.shape[1]:].tolist(), vocab, decode)
+
+
+def render(tokens: list[int], vocab: Vocabulary, decode) -> str:
+    code_of = {tok: code for code, tok in enumerate(vocab.code_to_token)}
+    parts, text, codes = [], [], None
+    for tok in tokens:
+        if tok == vocab.eos:
+            break
+        if tok == vocab.begin_image:
+            parts.append(decode(text))
+            text, codes = [], []
+        elif tok == vocab.end_image and codes is not None:
+            parts.append(_grid(codes, vocab.grid))
+            codes = None
+        elif codes is not None and tok in code_of:
+            codes.append(code_of[tok])
+        else:
+            text.append(tok)
+    if codes is not None:
+        parts.append(_grid(codes, vocab.grid) + " (unfinished)")
+    parts.append(decode(text))
+    shown = "\n".join(p for p in parts if p)
+    return shown or f"(nothing: the {len(tokens)} generated tokens hold no text or image)"
+
+
+def _grid(codes: list[int], grid: tuple[int, int]) -> str:
+    h, w = grid
+    rows = [" ".join(f"{c:3d}" for c in codes[r * w:(r + 1) * w]) for r in range(h)]
+    return f"[image {h}x{w} VQ codes]\n" + "\n".join(r for r in rows if r)

@@ -1,0 +1,128 @@
+"""moss train / moss generate, the data format, and the transformers Trainer."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from moss.cli import main
+from moss.data import IGNORE, collate, encode_record, load_jsonl
+from moss.train import SAMPLE, backbone
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+FAST = ["train", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--warmup", "2"]
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "train.log").read_text().splitlines()]
+
+
+def test_train_lowers_the_loss_checkpoints_and_generates(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(FAST + ["--steps", "40", "--save-every", "15", "--out", str(out)]) == 0
+    losses = _losses(out)
+    assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])
+    assert (out / "latest").read_text() == "checkpoint-40"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-40", "latest", "train.log"]
+    assert sorted(p.name for p in (out / "checkpoint-40").iterdir()) == [
+        "moss_adapter.safetensors", "moss_config.json", "trainer_state.pt"]
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(out / "checkpoint-40"), "--max-new-tokens", "24",
+                 "--prompt", "Draw a blue bar."]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_ends(tmp_path, monkeypatch):
+    args = FAST + ["--steps", "12", "--save-every", "4"]
+    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
+
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def crash_at_step_10(*a, **k):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    assert (tmp_path / "killed" / "latest").read_text() == "checkpoint-8"
+    assert main(args + ["--out", str(tmp_path / "killed"), "--resume"]) == 0
+
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / "checkpoint-12" / "moss_adapter.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoint-12" / "moss_adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "straight")[8:] == _losses(tmp_path / "killed")[-4:]
+
+
+def test_runs_under_the_transformers_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from moss import MossConfig, get_moss_model
+
+    model, vocab, _ = backbone(None)
+    moss = get_moss_model(model, MossConfig(r_text=4, r_image=4, image_grid=vocab.grid),
+                          image_logits=True)
+    examples = load_jsonl(SAMPLE, vocab)
+    before = {n: p.detach().clone() for n, p in moss.named_parameters() if p.requires_grad}
+    trainer = Trainer(
+        model=moss, train_dataset=examples, data_collator=lambda ex: collate(ex, vocab.pad),
+        args=TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                               learning_rate=1e-2, report_to=[], use_cpu=True,
+                               remove_unused_columns=False, save_strategy="no"))
+    trainer.train()
+    after = dict(moss.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_records_become_ids_labels_and_batches():
+    _, vocab, decode = backbone(None)
+    record = {"id": "r", "segments": [
+        {"role": "user", "type": "text", "text": "hi"},
+        {"role": "assistant", "type": "image", "codes": list(range(16))},
+        {"role": "assistant", "type": "text", "text": "ok"}]}
+    ex = encode_record(record, vocab, include_image_loss=True, where="x")
+    assert decode(ex.input_ids) == "hiok"
+    image = vocab.image(list(range(16)))
+    assert ex.input_ids == [vocab.bos] + vocab.encode_text("hi") + image + vocab.encode_text("ok") + [vocab.eos]
+    assert ex.labels[:3] == [IGNORE] * 3 and ex.labels[3:] == ex.input_ids[3:]
+    text_only = encode_record(record, vocab, include_image_loss=False, where="x")
+    assert text_only.labels[3:3 + len(image)] == [IGNORE] * len(image)
+    batch = collate([ex, text_only], vocab.pad)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert len(load_jsonl(SAMPLE, vocab)) == 32
+
+
+@pytest.mark.parametrize("line,match", [
+    ("{not json", r"bad.jsonl:1: not valid JSON"),
+    ("[1, 2]", r"bad.jsonl:1: record: expected a JSON object"),
+    ('{"id": "a"}', r"bad.jsonl:1 \(id 'a'\): segments: expected a non-empty list"),
+    ('{"segments": [{"type": "video"}]}', r"segments\[0\].type: expected 'text' or 'image'"),
+    ('{"segments": [{"type": "text", "text": ""}]}', r"segments\[0\].text: expected a non-empty"),
+    ('{"segments": [{"type": "text", "text": "a", "role": "bot"}]}', r"segments\[0\].role"),
+    ('{"segments": [{"type": "image", "codes": [1, 2]}]}', r"segments\[0\].codes: expected 16 ints"),
+    ('{"segments": [{"type": "image", "path": "cat.png"}]}', r"segments\[0\].codes: image files need"),
+    ('{"segments": [{"type": "text", "text": "a"}]}', r"segments: no assistant segment"),
+])
+def test_malformed_records_name_the_record_and_field(tmp_path, line, match):
+    _, vocab, _ = backbone(None)
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=match):
+        load_jsonl(path, vocab)
+
+
+def test_train_argument_and_file_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        main(["train", "--steps", "0", "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="data: .*missing.jsonl does not exist"):
+        main(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="--model: .* is not a local checkpoint folder"):
+        main(["train", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)])
