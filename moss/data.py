@@ -9,11 +9,12 @@ One record a line::
         {"role": "assistant", "type": "text", "text": "A red square."}]}
 
 Text goes through the backbone's tokenizer; an image is its VQ code list (row-major, H*W codes)
-mapped to the backbone's image token ids and wrapped in begin/end-of-image tokens. Labels cover
-the assistant segments only (the response); ``include_image_loss=False`` leaves image tokens out
-of the loss. The layout needs nothing more: image tokens are recognised by id (routing from
-``input_ids``). Image files (rather than codes) need a VQ tokenizer and are not read yet.
-Malformed records raise ``ValueError`` naming the file, line, record and field.
+or an image file (``"path"``, relative to the JSONL file) that the backbone's VQ tokenizer
+turns into codes; codes map to the backbone's image token ids, wrapped in begin/end-of-image
+tokens. Labels cover the assistant segments only (the response); ``include_image_loss=False``
+leaves image tokens out of the loss. The layout needs nothing more: image tokens are
+recognised by id (routing from ``input_ids``). Malformed records raise ``ValueError`` naming
+the file, line, record and field.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Vocabulary:
     bos: int | None = None
     eos: int | None = None
     pad: int = 0
+    encode_image_file: object = None  # Path -> list[int] VQ codes, when a VQ tokenizer exists
 
     def image(self, codes: list[int]) -> list[int]:
         return [self.begin_image] + [self.code_to_token[c] for c in codes] + [self.end_image]
@@ -55,7 +57,8 @@ def _fail(where: str, field: str, what: str):
     raise ValueError(f"{where}: {field}: {what}")
 
 
-def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: str) -> Example:
+def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: str,
+                  base: Path = Path(".")) -> Example:
     if not isinstance(record, dict):
         _fail(where, "record", f"expected a JSON object, got {type(record).__name__}")
     rid = str(record.get("id", where))
@@ -80,10 +83,15 @@ def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: st
             toks = list(vocab.encode_text(text))
             learn = role == "assistant"
         elif kind == "image":
+            if "path" in seg and "codes" not in seg:
+                if vocab.encode_image_file is None:
+                    _fail(where, f"{field}.path", "this backbone has no VQ tokenizer; give codes")
+                file = base / str(seg["path"])
+                if not file.is_file():
+                    _fail(where, f"{field}.path", f"{file} does not exist")
+                seg = {**seg, "codes": vocab.encode_image_file(file)}
             if "codes" not in seg:
-                what = ("image files need a VQ tokenizer, which is not wired in yet; give the "
-                        "VQ codes") if "path" in seg else "missing"
-                _fail(where, f"{field}.codes", what)
+                _fail(where, f"{field}.codes", "missing (give codes or a path)")
             codes = seg["codes"]
             if (not isinstance(codes, list) or len(codes) != n_codes or not all(
                     isinstance(c, int) and not isinstance(c, bool)
@@ -118,7 +126,7 @@ def load_jsonl(path: str | Path, vocab: Vocabulary, include_image_loss: bool = T
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            examples.append(encode_record(record, vocab, include_image_loss, where))
+            examples.append(encode_record(record, vocab, include_image_loss, where, path.parent))
     if not examples:
         raise ValueError(f"data: {path} holds no records")
     return examples

@@ -29,16 +29,35 @@ from .model import MossModel, _atomic_write, get_moss_model
 SAMPLE = Path(__file__).parent / "samples" / "interleaved.jsonl"
 
 
+def vq_tokenizer(model):
+    """``path -> VQ codes`` through a Chameleon's own VQ-VAE (resized to its resolution)."""
+    resolution = model.config.vq_config.resolution
+
+    def encode(path: Path) -> list[int]:
+        import numpy as np
+        from PIL import Image
+
+        image = Image.open(path).convert("RGB").resize((resolution, resolution))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        with torch.no_grad():
+            out = model.model.vqmodel.encode(pixels.permute(2, 0, 1)[None])
+        return out.image_tokens.flatten().tolist()
+
+    return encode
+
+
 def backbone(model_path: str | None):
     """``(hf_model, Vocabulary, decode)`` for the built-in tiny model or a local checkpoint."""
     if model_path is None:
         from . import tiny
 
         tok = tiny.ByteTokenizer()
+        model = tiny.build()
         vocab = Vocabulary(tok.encode, [tiny.FIRST_CODE + i for i in range(tiny.CODES)],
                            tiny.SPECIALS["<racm3:break>"], tiny.SPECIALS["<eoss>"], tiny.GRID,
-                           bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
-        return tiny.build(), vocab, tok.decode
+                           bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id,
+                           encode_image_file=vq_tokenizer(model))
+        return model, vocab, tok.decode
     path = Path(model_path)
     if not path.is_dir():
         raise FileNotFoundError(f"--model: {path} is not a local checkpoint folder")
@@ -56,7 +75,8 @@ def backbone(model_path: str | None):
     side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
     vocab = Vocabulary(lambda s: tok.encode(s, add_special_tokens=False), codes,
                        vmap["<racm3:break>"], vmap["<eoss>"], (side, side),
-                       bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id or 0)
+                       bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id or 0,
+                       encode_image_file=vq_tokenizer(model))
     return model, vocab, tok.decode
 
 

@@ -108,7 +108,8 @@ def test_records_become_ids_labels_and_batches():
     ('{"segments": [{"type": "text", "text": ""}]}', r"segments\[0\].text: expected a non-empty"),
     ('{"segments": [{"type": "text", "text": "a", "role": "bot"}]}', r"segments\[0\].role"),
     ('{"segments": [{"type": "image", "codes": [1, 2]}]}', r"segments\[0\].codes: expected 16 ints"),
-    ('{"segments": [{"type": "image", "path": "cat.png"}]}', r"segments\[0\].codes: image files need"),
+    ('{"segments": [{"type": "image", "path": "cat.png"}]}', r"segments\[0\].path: .*cat.png does not exist"),
+    ('{"segments": [{"type": "image"}]}', r"segments\[0\].codes: missing"),
     ('{"segments": [{"type": "text", "text": "a"}]}', r"segments: no assistant segment"),
 ])
 def test_malformed_records_name_the_record_and_field(tmp_path, line, match):
@@ -126,3 +127,17 @@ def test_train_argument_and_file_errors(tmp_path):
         main(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="--model: .* is not a local checkpoint folder"):
         main(["train", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)])
+
+
+def test_an_image_file_goes_through_the_vq_tokenizer(tmp_path):
+    from PIL import Image
+
+    _, vocab, _ = backbone(None)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"segments": [
+        {"role": "user", "type": "image", "path": "red.png"},
+        {"role": "assistant", "type": "text", "text": "red"}]}) + "\n")
+    (ex,) = load_jsonl(tmp_path / "d.jsonl", vocab)
+    image = ex.input_ids[1:19]
+    assert image[0] == vocab.begin_image and image[-1] == vocab.end_image
+    assert all(t in vocab.code_to_token for t in image[1:-1])
