@@ -19,7 +19,8 @@ GRID = (4, 4)
 
 
 def code_name(i: int) -> str:
-    return f"IMGIMG{chr(65 + i // 26)}{chr(65 + i % 26)}Z"
+    """Chameleon's spelling of VQ code i: its decimal digits as the letters A-J."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z"
 
 
 def build(seed: int = 0):

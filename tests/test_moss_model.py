@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moss_kernels as mk
-from moss import MossConfig, MossModel, get_moss_model
+from moss import MossConfig, MossModel, get_moss_model, tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -30,7 +30,7 @@ def tiny_chameleon(seed=0):
     vq = dict(embed_dim=16, num_embeddings=32, base_channels=32, channel_multiplier=[1, 2],
               num_res_blocks=1, resolution=32, in_channels=3, latent_channels=16,
               attn_resolutions=[])
-    vocab = {f"IMGIMG{chr(65 + i // 26)}{chr(65 + i % 26)}Z": tok for i, tok in enumerate(IMG)}
+    vocab = {tiny.code_name(i): tok for i, tok in enumerate(IMG)}
     vocab.update({"<image>": 3, "<racm3:break>": 4, "<eoss>": 5})
     cfg = transformers.ChameleonConfig(vocab_size=80, hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=4,
@@ -369,3 +369,25 @@ def test_image_logits_option_lifts_chameleons_mask_and_unload_restores_it():
     assert torch.isfinite(out.loss) and torch.isfinite(out.logits[..., IMG]).all()
     moss.unload()
     assert (base(input_ids=ids).logits[..., IMG] == torch.finfo(torch.float32).min).all()
+
+
+def test_missing_and_unexpected_adapter_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from moss.model import _sha256
+
+    moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
+    moss.save_pretrained(tmp_path)
+    weights, cfg_path = tmp_path / "moss_adapter.safetensors", tmp_path / "moss_config.json"
+    tensors = load_file(weights)
+    dropped = sorted(tensors)[0]
+    for edit, match in [(lambda t: t.pop(dropped), f"missing keys \\['{dropped}'\\]"),
+                        (lambda t: t.__setitem__("extra.text_A", torch.zeros(1)),
+                         "unexpected keys \\['extra.text_A'\\]")]:
+        changed = dict(tensors)
+        edit(changed)
+        save_file(changed, weights)  # a consistent pair, written by someone else
+        meta = json.loads(cfg_path.read_text())
+        cfg_path.write_text(json.dumps({**meta, "weights_sha256": _sha256(weights)}))
+        with pytest.raises(ValueError, match=match):
+            MossModel.from_pretrained(tiny_llama(), tmp_path)

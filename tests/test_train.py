@@ -141,3 +141,31 @@ def test_an_image_file_goes_through_the_vq_tokenizer(tmp_path):
     image = ex.input_ids[1:19]
     assert image[0] == vocab.begin_image and image[-1] == vocab.end_image
     assert all(t in vocab.code_to_token for t in image[1:-1])
+
+
+def test_a_local_checkpoint_with_its_tokenizer(tmp_path, capsys):
+    """--model PATH: a Chameleon saved with save_pretrained, with a tokenizer of its own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moss import tiny
+
+    words = sorted({w for line in SAMPLE.read_text().splitlines()
+                    for seg in json.loads(line)["segments"] if seg["type"] == "text"
+                    for w in seg["text"].replace(".", " .").replace("?", " ?").split()})
+    vocab = {**tiny.SPECIALS, "<unk>": 6, **{w: 7 + i for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    path = tmp_path / "tiny-chameleon"
+    tiny.build().save_pretrained(path)
+    fast.save_pretrained(path)
+    out = tmp_path / "run"
+    assert main(FAST + ["--steps", "6", "--model", str(path), "--out", str(out)]) == 0
+    assert len(_losses(out)) == 6
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(out / "checkpoint-6"), "--model", str(path),
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()
