@@ -35,9 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         print(report())
         return 0
     if args.command == "train":
+        import os
+
         from .train import train
 
-        print(f"saved {train(args)}")
+        final = train(args)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"saved {final}")
         return 0
     if args.command == "generate":
         from .train import generate

@@ -147,7 +147,8 @@ class MossModel(nn.Module):
 
     # ------------------------------------------------------------------ adapters
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.model.named_parameters()
+        """The adapter tensors by name, whole (a collective under FSDP2: call on every rank)."""
+        return {name: _whole(p.detach()) for name, p in self.model.named_parameters()
                 if p.requires_grad and _is_adapter(name)}
 
     def unload(self) -> nn.Module:
@@ -164,12 +165,16 @@ class MossModel(nn.Module):
             p.requires_grad_(self._requires_grad[name])
         return self.model
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike,
+                        state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter (``state``: an :meth:`adapter_state_dict` gathered beforehand,
+        as the distributed trainer does on every rank before rank 0 writes)."""
         from safetensors.torch import save_file
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        state = self.adapter_state_dict() if state is None else state
+        tensors = {k: v.contiguous().cpu() for k, v in state.items()}
         weights = _atomic_write(folder / WEIGHTS_NAME, lambda f: save_file(tensors, f))
         meta = {**self.moss_config.to_dict(), "wrapped": self.wrapped,
                 "weights_sha256": _sha256(weights)}
@@ -215,6 +220,10 @@ class MossModel(nn.Module):
                                      f"has {tuple(value.shape)}")
                 own[key].copy_(value)
         return moss
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _is_adapter(name: str) -> bool:

@@ -1,5 +1,12 @@
 """``moss train`` and ``moss generate``: adapters only, on a built-in tiny Chameleon by default.
 
+Distributed: ``torchrun --nproc_per_node N -m moss train ...`` (and torchrun's multi-node
+flags) trains with DDP, the backbone frozen. ``--batch-size`` is the global batch of a
+micro-step: each rank takes every N-th example of it, so the global batch, the data order and
+(through ``num_items_in_batch``, the global count of target tokens) the loss are those of a
+single-process run, whatever N. Rank 0 logs, shows the progress bar and writes checkpoints;
+since they hold full (replicated) tensors, a run resumes on any number of processes.
+
 Training: AdamW over the adapter parameters, linear warm-up then cosine decay, gradient
 accumulation, gradient-norm clipping, bf16 autocast on a GPU, a progress bar with the loss, one
 JSON line per step in ``<out>/train.log``. Checkpoints go to ``<out>/checkpoint-<step>/``
@@ -99,6 +106,37 @@ def batch_indices(step: int, micro: int, accum: int, batch: int, n: int, seed: i
     return out
 
 
+def _targets(example) -> int:
+    """Target tokens of one example as the causal-LM loss counts them (labels shifted by one)."""
+    return sum(1 for label in example.labels[1:] if label != -100)
+
+
+def _distributed(gpu: bool):
+    """``(rank, world, local_rank)``, initialising torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if gpu:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def _check_replicas(moss, world: int) -> None:
+    """Adapters must be bitwise identical on every rank after training (DDP's promise)."""
+    import torch.distributed as dist
+
+    sums = torch.stack([p.detach().double().sum() for p in moss.parameters() if p.requires_grad])
+    gathered = [torch.empty_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("adapter weights differ between ranks after training")
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local Chameleon checkpoint (default: built-in tiny)")
     p.add_argument("--data", type=Path, default=SAMPLE, help="JSONL records (default: shipped sample)")
@@ -118,6 +156,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>/latest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="moss_kernels backend (default: fastest)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the frozen backbone with FSDP2 instead of DDP")
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -127,6 +167,11 @@ def train(args: argparse.Namespace) -> Path:
             raise SystemExit(f"moss train: --{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.lr <= 0:
         raise SystemExit("moss train: --warmup must be >= 0 and --lr > 0")
+    gpu = torch.cuda.is_available()
+    rank, world, local = _distributed(gpu)
+    if args.batch_size % world:
+        raise SystemExit(f"moss train: --batch-size ({args.batch_size}, the global batch of a "
+                         f"micro-step) must be a multiple of the {world} processes")
     torch.manual_seed(args.seed)
     model, vocab, _ = backbone(args.model)
     image_loss = not args.no_image_loss
@@ -135,7 +180,9 @@ def train(args: argparse.Namespace) -> Path:
                      image_adapter=args.variant, image_grid=vocab.grid, backend=args.backend)
     examples = load_jsonl(args.data, vocab, include_image_loss=image_loss)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier(world)
     latest = out / "latest"
     start = 0
     if args.resume and latest.is_file():
@@ -146,56 +193,107 @@ def train(args: argparse.Namespace) -> Path:
     else:
         moss = get_moss_model(model, cfg, image_logits=image_loss)
         state = None
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
+    device = torch.device(f"cuda:{local}" if gpu else "cpu")
     moss.to(device)
-    params = [p for p in moss.parameters() if p.requires_grad]
+    runner = moss
+    if world > 1 and args.fsdp:
+        # FSDP2 shards the frozen backbone (and the adapters with it) layer by layer; each
+        # layer's parameters are gathered for its forward and backward, so the kernels and
+        # the routing plan see plain tensors.
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in moss.model.model.layers:
+            fully_shard(layer)
+        fully_shard(moss)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(moss, device_ids=[local] if gpu else None)
+    params = [p for p in moss.parameters() if p.requires_grad]  # after sharding: its params
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, args.steps, args.warmup))
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(moss, opt, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         sched.load_state_dict(state["scheduler"])
         torch.random.set_rng_state(state["rng"])
+
+    from contextlib import nullcontext
 
     from tqdm import tqdm
 
     moss.train()
-    log = open(out / "train.log", "a", encoding="utf-8")
-    final = out / latest.read_text().strip() if latest.is_file() else None
-    with tqdm(total=args.steps, initial=start, desc="train", file=sys.stderr, disable=None) as bar:
+    log = open(out / "train.log", "a", encoding="utf-8") if rank == 0 else None
+    with tqdm(total=args.steps, initial=start, desc="train", file=sys.stderr,
+              disable=None if rank == 0 else True) as bar:
         for step in range(start, args.steps):
-            t0, total_loss = time.perf_counter(), 0.0
-            for micro in range(args.grad_accum):
-                idx = batch_indices(step, micro, args.grad_accum, args.batch_size, len(examples),
-                                    args.seed)
-                batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx],
-                                                             vocab.pad).items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-                    loss = moss(**batch).loss / args.grad_accum
-                loss.backward()
-                total_loss += loss.item()
+            t0 = time.perf_counter()
+            micro_batches = [batch_indices(step, m, args.grad_accum, args.batch_size,
+                                           len(examples), args.seed)
+                             for m in range(args.grad_accum)]
+            # Normalise by the step's global target count: every rank and micro-step then adds
+            # its share of one global mean, as a single process would compute it.
+            n_items = torch.tensor(sum(_targets(examples[i]) for idx in micro_batches for i in idx),
+                                   device=device)
+            step_loss = torch.zeros((), device=device)
+            for micro, idx in enumerate(micro_batches):
+                mine = [examples[i] for i in idx[rank::world]]
+                batch = {k: v.to(device) for k, v in collate(mine, vocab.pad).items()}
+                sync = world == 1 or args.fsdp or micro == args.grad_accum - 1
+                with (nullcontext() if sync else runner.no_sync()), \
+                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                    loss = runner(**batch, num_items_in_batch=n_items).loss
+                (loss * world).backward()  # DDP / FSDP average the ranks' gradients; we want the sum
+                step_loss += loss.detach()
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(step_loss)
             norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             bar.update(1)
-            bar.set_postfix(loss=f"{total_loss:.4f}")
-            log.write(json.dumps({"step": step + 1, "loss": total_loss,
-                                  "lr": sched.get_last_lr()[0], "grad_norm": float(norm),
-                                  "seconds": time.perf_counter() - t0}) + "\n")
-            log.flush()
+            bar.set_postfix(loss=f"{step_loss.item():.4f}")
+            if log is not None:
+                log.write(json.dumps({"step": step + 1, "loss": step_loss.item(),
+                                      "lr": sched.get_last_lr()[0], "grad_norm": float(norm),
+                                      "seconds": time.perf_counter() - t0}) + "\n")
+                log.flush()
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                final = save_checkpoint(moss, opt, sched, step + 1, out)
-    log.close()
-    return final
+                save_checkpoint(moss, opt, sched, step + 1, out, rank)
+                _barrier(world)
+    if log is not None:
+        log.close()
+    if world > 1 and not args.fsdp:
+        _check_replicas(moss, world)
+    return out / (out / "latest").read_text().strip()
 
 
-def save_checkpoint(moss, opt, sched, step: int, out: Path) -> Path:
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def save_checkpoint(moss, opt, sched, step: int, out: Path, rank: int = 0) -> Path:
+    """Every rank gathers full tensors (collectives under FSDP2); rank 0 writes them. The
+    optimizer state is keyed by parameter name, so any world size can resume from it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    adapter = moss.adapter_state_dict()
+    optimizer = get_optimizer_state_dict(moss, opt, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
     target = out / f"checkpoint-{step}"
+    if rank != 0:
+        return target
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    moss.save_pretrained(tmp)
-    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    moss.save_pretrained(tmp, adapter)
+    state = {"step": step, "optimizer": optimizer, "scheduler": sched.state_dict(),
              "rng": torch.random.get_rng_state()}
     _atomic_write(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
     shutil.rmtree(target, ignore_errors=True)
