@@ -4,6 +4,7 @@
     moss bench       the benchmark (moss/bench/)
     moss train       train adapters (a built-in tiny Chameleon and shipped sample by default)
     moss generate    interleaved output from a trained adapter
+    moss experiment  does ConvLoRA model image tokens better? (a small reproduction)
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time every backend against F.linear and the alternatives"))
     add_train_arguments(sub.add_parser("train", help="train MOSS adapters"))
     add_generate_arguments(sub.add_parser("generate", help="generate with a trained adapter"))
+    from . import experiment
+
+    experiment.add_arguments(sub.add_parser(
+        "experiment", help="adapter variants on a shifted synthetic distribution (ConvLoRA claim)"))
     return parser
 
 
@@ -48,4 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(generate(args))
         return 0
+    if args.command == "experiment":
+        from . import experiment
+
+        return experiment.main(args)
     return bench.main(args)
