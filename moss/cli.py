@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import bench
 
@@ -47,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         final = train(args)
         if os.environ.get("RANK", "0") == "0":
             print(f"saved {final}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Every rank has synchronised after the last checkpoint. Leave without running
+            # interpreter teardown: gloo's threads outliving it intermittently abort the process
+            # ("terminate called without an active exception"), and destroy_process_group()
+            # was seen to hang one rank instead.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     if args.command == "generate":
         from .train import generate
