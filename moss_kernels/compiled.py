@@ -1,8 +1,9 @@
 """The compiled extension's backends: ``cpu`` (csrc/cpu) and ``cuda`` (csrc/cuda).
 
-Both run the same C++ composition (csrc/linear.cpp: ATen GEMMs with the adapter riding in the
-base GEMM's accumulator, plus the device's routing kernels) through the ops
-``moss::_ext_linear_fwd`` / ``moss::_ext_linear_bwd``, which dispatch on the tensors' device.
+Both are reached through the ops ``moss::_ext_linear_fwd`` / ``moss::_ext_linear_bwd``, which
+dispatch on the tensors' device: on CPU the base GEMM is ATen's (MKL) and the adapter runs in
+hand-vectorised route-aware kernels (csrc/cpu/rank_kernels.h); on CUDA the adapter rides in
+cuBLAS GEMMs around two routing kernels (csrc/cuda/linear_cuda.cpp).
 """
 
 from __future__ import annotations

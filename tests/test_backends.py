@@ -112,18 +112,23 @@ def test_deterministic(backend, gen):
     assert all(torch.equal(first[n], second[n]) for n in first)
 
 
-@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (bf16 and large shapes)")
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("r,k", [(16, 2), (256, 3), (64, 1)])
-def test_gpu_bf16_large(r, k, backend):
+NATIVE = [b for b in FUSED if not getattr(backends.implementation(b), "INTERPRETED", False)]
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r,k", [(16, 2), (20, 3), (64, 1)])
+def test_long_runs_wide_rows(r, k, dtype, backend):
+    """Text runs and 32 x 32 images (the last partial), so that every kernel tile and column
+    chunk is full somewhere and ragged somewhere: runs longer than any row tile, and widths
+    (D and K*K*R) past several 64-byte vectors with a tail. Large shapes on a GPU."""
     gen = torch.Generator().manual_seed(0)
-    grid = (32, 32)
+    n, d_in, d_out = (4096, 1000, 1500) if GPU else (2400, 150, 133)
     route, images = [], []
-    while len(route) < 4096:  # text runs and 32 x 32 images, the last one partial
+    while len(route) < n:
         route += [0] * 300
-        images.append((len(route), *grid))
-        route += [1] * min(1024, 4096 + 700 - len(route))
+        images.append((len(route), 32, 32))
+        route += [1] * min(1024, n + 700 - len(route))
     layout = Layout((len(route),), route, [(s, h, w, min(h * w, len(route) - s))
                                            for s, h, w in images])
-    _check(layout, k, True, make_params(gen, layout.n, 1000, 1500, r, r, k), torch.bfloat16,
-           backend, device="cuda")
+    _check(layout, k, True, make_params(gen, layout.n, d_in, d_out, r, r, k), dtype, backend)

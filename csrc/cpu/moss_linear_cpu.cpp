@@ -1,124 +1,303 @@
-// CPU kernels of moss::_ext_linear_fwd / _ext_linear_bwd: row blocks read from the route, the
-// two routing kernels (OpenMP through at::parallel_for), and the CPU registration.
+// CPU kernels of moss::_ext_linear_fwd / _ext_linear_bwd and their registration.
 //
-// The GEMMs are ATen's (linear.cpp). Routing is O(N * K^2 * R) copies and adds, a percent or
-// two of the layer; its inner loops run over contiguous rank columns with the tap's source row
-// fixed, so they vectorise.
+// Forward (P, dz, dP live in the accumulation type A, padded per route to whole vectors):
+//   P  = project(x; A_text^T | A_taps^T)     tap products, each token only its route's columns
+//   z  = route_forward(P)                     text: copy; image: sum of K*K taps over `nbr`
+//   y  = x W^T + b                            ATen (MKL): the base GEMM, exactly F.linear's
+//   y += expand(z; B_text^T | B_image^T)      in place, one pass over y
+// Backward:
+//   dz = project(dy; B_text | B_image),  dP = route_backward(dz)   (gather over `nbr_t`)
+//   dB^T = outer(z, dy),  dA_all = outer(dP, x)
+//   dx = dy W (ATen) then dx += expand(dP; A_text | A_taps);  dW = dy^T x, db = sum dy if asked
+// The rank-space kernels are in rank_kernels.h (why hand-written: see there); this file packs
+// their operands, runs them under at::parallel_for (OpenMP), and holds the routing kernels.
+// Measured on the 2-core dev machine: bench/results/README.md.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../linear.h"
+#include "rank_kernels.h"
 
 namespace moss {
+namespace cpu {
 namespace {
 
-// Rows per block of the adapter GEMMs. Large enough that the skinny per-block GEMMs keep
-// MKL busy on all cores, small enough that an image of 256+ tokens (16 x 16 and larger grids)
-// makes whole blocks text-free and a text run of 256+ tokens makes them image-free.
-constexpr int64_t kRowBlock = 256;
 constexpr int64_t kGrain = 64;  // tokens per parallel_for task
 
-std::vector<RowBlock> row_blocks(const at::Tensor& route) {
-  const int8_t* r = route.data_ptr<int8_t>();
-  const int64_t n = route.size(0);
-  std::vector<RowBlock> blocks;
-  for (int64_t start = 0; start < n; start += kRowBlock) {
-    RowBlock b{start, std::min(start + kRowBlock, n), false, false};
-    for (int64_t t = b.start; t < b.end; ++t) {
-      b.text |= r[t] == 0;
-      b.image |= r[t] == 1;
-    }
-    blocks.push_back(b);
-  }
-  return blocks;
-}
+// ---- routing (rank space, O(N * K^2 * R)) ---------------------------------------------------
 
-template <typename scalar_t>
-void route_forward_rows(const scalar_t* p, int64_t ldp, const int8_t* route, const int32_t* nbr,
-                        int64_t begin, int64_t end, int64_t r_t, int64_t r_i, int64_t kk,
-                        at::opmath_type<scalar_t>* z) {
-  using acc_t = at::opmath_type<scalar_t>;
+template <typename A>
+MOSS_INLINE void route_forward_rows(const A* p, int64_t ldp, int64_t p_img, const int8_t* route,
+                                    const int32_t* nbr, int64_t kk, int64_t r_t, int64_t r_i,
+                                    A* z, int64_t begin, int64_t end) {
   const int64_t ldz = r_t + r_i;
   for (int64_t t = begin; t < end; ++t) {
-    acc_t* zt = z + t * ldz;
-    const scalar_t* pt = p + t * ldp;
-    if (route[t] == 0) {
-      for (int64_t j = 0; j < r_t; ++j) zt[j] = static_cast<acc_t>(pt[j]);
-    } else {
-      for (int64_t j = 0; j < r_t; ++j) zt[j] = acc_t(0);
-    }
-    acc_t* zi = zt + r_t;
-    for (int64_t j = 0; j < r_i; ++j) zi[j] = acc_t(0);
-    for (int64_t tap = 0; tap < kk; ++tap) {
+    A* zt = z + t * ldz;
+    const A* pt = p + t * ldp;
+    for (int64_t j = 0; j < r_t; ++j) zt[j] = route[t] == 0 ? pt[j] : A(0);
+    A* zi = zt + r_t;
+    for (int64_t j = 0; j < r_i; ++j) zi[j] = A(0);
+    for (int64_t tap = 0; tap < kk; ++tap) {  // -1 for every tap unless t is an image token
       const int64_t s = nbr[t * kk + tap];
       if (s < 0) continue;
-      const scalar_t* ps = p + s * ldp + r_t + tap * r_i;
-      for (int64_t j = 0; j < r_i; ++j) zi[j] += static_cast<acc_t>(ps[j]);
+      const A* ps = p + s * ldp + p_img + tap * r_i;
+      for (int64_t j = 0; j < r_i; ++j) zi[j] += ps[j];
     }
   }
 }
 
-template <typename scalar_t>
-void route_backward_rows(const scalar_t* dz, int64_t ldz, const int8_t* route,
-                         const int32_t* nbr_t, int64_t begin, int64_t end, int64_t r_t,
-                         int64_t r_i, int64_t kk, scalar_t* dp) {
-  const int64_t ldp = r_t + kk * r_i;
+// dP[s] for text and image rows (padding rows are never read). dz's image columns start at
+// dz_img, dP's taps at dp_img.
+template <typename A>
+MOSS_INLINE void route_backward_rows(const A* dz, int64_t ldz, int64_t dz_img,
+                                     const int8_t* route, const int32_t* nbr_t, int64_t kk,
+                                     int64_t r_t, int64_t r_i, A* dp, int64_t ldp, int64_t dp_img,
+                                     int64_t begin, int64_t end) {
   for (int64_t s = begin; s < end; ++s) {
-    scalar_t* dps = dp + s * ldp;
-    const scalar_t* dzs = dz + s * ldz;
+    A* dps = dp + s * ldp;
     if (route[s] == 0) {
-      for (int64_t j = 0; j < r_t; ++j) dps[j] = dzs[j];
-    } else {
-      for (int64_t j = 0; j < r_t; ++j) dps[j] = scalar_t(0);
-    }
-    for (int64_t tap = 0; tap < kk; ++tap) {
-      scalar_t* dst = dps + r_t + tap * r_i;
-      const int64_t t = nbr_t[s * kk + tap];
-      if (t < 0) {
-        for (int64_t j = 0; j < r_i; ++j) dst[j] = scalar_t(0);
-      } else {
-        const scalar_t* src = dz + t * ldz + r_t;
-        for (int64_t j = 0; j < r_i; ++j) dst[j] = src[j];
+      for (int64_t j = 0; j < r_t; ++j) dps[j] = dz[s * ldz + j];
+    } else if (route[s] == 1) {
+      for (int64_t tap = 0; tap < kk; ++tap) {
+        A* dst = dps + dp_img + tap * r_i;
+        const int64_t t = nbr_t[s * kk + tap];
+        for (int64_t j = 0; j < r_i; ++j) dst[j] = t < 0 ? A(0) : dz[t * ldz + dz_img + j];
       }
     }
   }
 }
 
-void route_forward_cpu(const at::Tensor& p, const at::Tensor& route, const at::Tensor& nbr,
-                       int64_t r_t, int64_t r_i, at::Tensor& z) {
-  const int64_t n = p.size(0), kk = nbr.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, p.scalar_type(), "moss_route_forward_cpu", [&] {
-    const scalar_t* pp = p.data_ptr<scalar_t>();
-    const int8_t* rr = route.data_ptr<int8_t>();
-    const int32_t* nn = nbr.data_ptr<int32_t>();
-    auto* zz = z.data_ptr<at::opmath_type<scalar_t>>();
-    const int64_t ldp = p.stride(0);
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      route_forward_rows(pp, ldp, rr, nn, begin, end, r_t, r_i, kk, zz);
-    });
+// ---- the ISA clones: one per kernel and dtype, each taking a range of work -------------------
+
+#define MOSS_CPU_KERNELS(S, A)                                                                  \
+  MOSS_CPU_CLONES void project(const ProjectArgs<S, A>& a, int64_t b, int64_t e) {             \
+    project_rows<S, A>(a, b, e);                                                                \
+  }                                                                                             \
+  MOSS_CPU_CLONES void expand(const ExpandArgs<S, A>& a, int64_t b, int64_t e) {               \
+    expand_rows<S, A>(a, b, e);                                                                 \
+  }                                                                                             \
+  MOSS_CPU_CLONES void outer(const OuterArgs<S, A>& a, int r, int64_t o0) {                    \
+    outer_task<S, A>(a, r, o0);                                                                 \
+  }
+MOSS_CPU_KERNELS(float, float)
+MOSS_CPU_KERNELS(double, double)
+MOSS_CPU_KERNELS(c10::BFloat16, float)
+#undef MOSS_CPU_KERNELS
+
+MOSS_CPU_CLONES void route_forward(const float* p, int64_t ldp, int64_t p_img,
+                                   const int8_t* route, const int32_t* nbr, int64_t kk,
+                                   int64_t r_t, int64_t r_i, float* z, int64_t b, int64_t e) {
+  route_forward_rows(p, ldp, p_img, route, nbr, kk, r_t, r_i, z, b, e);
+}
+MOSS_CPU_CLONES void route_forward(const double* p, int64_t ldp, int64_t p_img,
+                                   const int8_t* route, const int32_t* nbr, int64_t kk,
+                                   int64_t r_t, int64_t r_i, double* z, int64_t b, int64_t e) {
+  route_forward_rows(p, ldp, p_img, route, nbr, kk, r_t, r_i, z, b, e);
+}
+MOSS_CPU_CLONES void route_backward(const float* dz, int64_t ldz, int64_t dz_img,
+                                    const int8_t* route, const int32_t* nbr_t, int64_t kk,
+                                    int64_t r_t, int64_t r_i, float* dp, int64_t ldp,
+                                    int64_t dp_img, int64_t b, int64_t e) {
+  route_backward_rows(dz, ldz, dz_img, route, nbr_t, kk, r_t, r_i, dp, ldp, dp_img, b, e);
+}
+MOSS_CPU_CLONES void route_backward(const double* dz, int64_t ldz, int64_t dz_img,
+                                    const int8_t* route, const int32_t* nbr_t, int64_t kk,
+                                    int64_t r_t, int64_t r_i, double* dp, int64_t ldp,
+                                    int64_t dp_img, int64_t b, int64_t e) {
+  route_backward_rows(dz, ldz, dz_img, route, nbr_t, kk, r_t, r_i, dp, ldp, dp_img, b, e);
+}
+
+// ---- operand packing and the composition ------------------------------------------------------
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+int64_t lanes(at::ScalarType acc) { return acc == at::kDouble ? 8 : 16; }
+
+// m [c, d] -> [d, round_up(c)] = m^T zero-padded: a project operand.
+at::Tensor pack_t(const at::Tensor& m, at::ScalarType acc) {
+  at::Tensor w = at::zeros({m.size(1), simd::round_up(m.size(0), lanes(acc))},
+                           m.options().dtype(acc));
+  w.narrow(1, 0, m.size(0)).copy_(m.t());
+  return w;
+}
+
+// The row stride of an expand operand or an outer accumulator with d columns: whole vectors plus
+// one, so that consecutive rows do not sit a multiple of 4 KiB apart (for d = 1024 floats they
+// would all map to the same L1 sets, and the expand's 16-64 row panel would thrash them).
+int64_t row_stride(int64_t d, at::ScalarType acc) {
+  return simd::round_up(d, lanes(acc)) + lanes(acc);
+}
+
+// m [c, d] -> [c, row_stride(d)] zero-padded: an expand operand.
+at::Tensor pack(const at::Tensor& m, at::ScalarType acc) {
+  at::Tensor w = at::zeros({m.size(0), row_stride(m.size(1), acc)}, m.options().dtype(acc));
+  w.narrow(1, 0, m.size(1)).copy_(m);
+  return w;
+}
+
+// The image adapter's tap rows [K*K*R_I, D_in], tap-major (row (p*K + q)*R_I + j).
+at::Tensor taps(const at::Tensor& image_A) {
+  const auto r_i = image_A.size(0), d_in = image_A.size(1), k = image_A.size(2);
+  return image_A.permute({2, 3, 0, 1}).reshape({k * k * r_i, d_in});
+}
+
+template <typename A>
+Seg<A> seg(const at::Tensor& w, int64_t width, int64_t off) {
+  return Seg<A>{w.data_ptr<A>(), w.size(1), width, off};
+}
+
+// x as the kernels read it: rows of unit stride (any row stride, 64-bit offsets).
+at::Tensor unit_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+std::vector<int64_t> rows_of(const at::Tensor& route, int8_t r) {
+  const int8_t* p = route.data_ptr<int8_t>();
+  std::vector<int64_t> rows;
+  for (int64_t t = 0; t < route.size(0); ++t) {
+    if (p[t] == r) rows.push_back(t);
+  }
+  return rows;
+}
+
+template <typename S, typename A>
+void run_expand(at::Tensor& y, const at::Tensor& route, const at::Tensor& z, Seg<A> text,
+                Seg<A> image) {
+  ExpandArgs<S, A> a{y.data_ptr<S>(), y.stride(0), y.size(1), route.data_ptr<int8_t>(),
+                     z.data_ptr<A>(), z.stride(0), {text, image}};
+  at::parallel_for(0, y.size(0), kGrain, [&](int64_t b, int64_t e) { expand(a, b, e); });
+}
+
+template <typename S, typename A>
+void run_project(const at::Tensor& x, const at::Tensor& route, Seg<A> text, Seg<A> image,
+                 at::Tensor& out) {
+  ProjectArgs<S, A> a{x.data_ptr<S>(), x.stride(0), x.size(1), route.data_ptr<int8_t>(),
+                      {text, image}, out.data_ptr<A>(), out.stride(0)};
+  at::parallel_for(0, x.size(0), kGrain, [&](int64_t b, int64_t e) { project(a, b, e); });
+}
+
+// g_r[j, :] = sum over route r's rows t of z[t, off_r + j] x[t, :] (g_r: [width_r, round_up(D)]).
+template <typename S, typename A>
+void run_outer(const at::Tensor& x, const at::Tensor& z, const std::vector<int64_t> (&rows)[2],
+               const int64_t (&width)[2], const int64_t (&off)[2], at::Tensor (&g)[2]) {
+  const int64_t d = x.size(1), chunk = 4 * lanes(acc_type(x.scalar_type()));
+  OuterArgs<S, A> a{x.data_ptr<S>(), x.stride(0), d, z.data_ptr<A>(), z.stride(0),
+                    {rows[0].data(), rows[1].data()},
+                    {int64_t(rows[0].size()), int64_t(rows[1].size())},
+                    {width[0], width[1]}, {off[0], off[1]},
+                    {g[0].data_ptr<A>(), g[1].data_ptr<A>()}, g[0].size(1)};
+  const int64_t per_route = (d + chunk - 1) / chunk;
+  at::parallel_for(0, 2 * per_route, 1, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int r = int(task / per_route);
+      if (width[r] > 0 && !rows[r].empty()) outer(a, r, (task % per_route) * chunk);
+    }
   });
 }
 
-void route_backward_cpu(const at::Tensor& dz, const at::Tensor& route, const at::Tensor& nbr_t,
-                        int64_t r_t, int64_t r_i, at::Tensor& dp) {
-  const int64_t n = dz.size(0), kk = nbr_t.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dz.scalar_type(), "moss_route_backward_cpu", [&] {
-    const scalar_t* dd = dz.data_ptr<scalar_t>();
-    const int8_t* rr = route.data_ptr<int8_t>();
-    const int32_t* nn = nbr_t.data_ptr<int32_t>();
-    scalar_t* out = dp.data_ptr<scalar_t>();
-    const int64_t ldz = dz.stride(0);
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      route_backward_rows(dd, ldz, rr, nn, begin, end, r_t, r_i, kk, out);
-    });
-  });
-}
-
-void check_cpu_dtype(const at::Tensor& x) {
+void check_cpu(const at::Tensor& x, const at::Tensor& route) {
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
               "x: the cpu backend supports float32, float64 and bfloat16, got ", t);
+  TORCH_CHECK(route.is_contiguous() && route.scalar_type() == at::kChar,
+              "route: expected a contiguous int8 tensor");
+}
+
+template <typename S>
+std::tuple<at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
+    double text_scale, double image_scale) {
+  using A = at::opmath_type<S>;
+  const auto acc = acc_type(x_in.scalar_type());
+  const at::Tensor x = unit_stride(x_in);
+  const int64_t n = x.size(0), r_t = text_A.size(0), r_i = image_A.size(0), kk = nbr.size(1);
+  const at::Tensor w_text = pack_t(text_A, acc), w_img = pack_t(taps(image_A), acc);
+  at::Tensor p = at::empty({n, w_text.size(1) + w_img.size(1)}, x.options().dtype(acc));
+  run_project<S, A>(x, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, kk * r_i, w_text.size(1)),
+                    p);
+
+  at::Tensor z = at::empty({n, r_t + r_i}, x.options().dtype(acc));
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    route_forward(p.data_ptr<A>(), p.stride(0), w_text.size(1), route.data_ptr<int8_t>(),
+                  nbr.data_ptr<int32_t>(), kk, r_t, r_i, z.data_ptr<A>(), b, e);
+  });
+
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  const at::Tensor bt_text = pack(text_B.t() * text_scale, acc);
+  const at::Tensor bt_img = pack(image_B.t() * image_scale, acc);
+  run_expand<S, A>(y, route, z, seg<A>(bt_text, r_t, 0), seg<A>(bt_img, r_i, r_t));
+  return {y, z};
+}
+
+template <typename S>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& weight,
+              const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+              const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
+              const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
+              bool need_dweight, bool need_dbias) {
+  using A = at::opmath_type<S>;
+  const auto acc = acc_type(x_in.scalar_type());
+  const at::Tensor x = unit_stride(x_in);
+  const at::Tensor dy = dy_in.contiguous();  // a gradient may arrive expanded (stride 0)
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = weight.size(0);
+  const int64_t r_t = text_A.size(0), r_i = image_A.size(0), r = r_t + r_i, kk = nbr_t.size(1);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == n && dy.size(1) == d_out &&
+                  dy.scalar_type() == x.scalar_type(),
+              "dy: expected ", x.scalar_type(), " [", n, ", ", d_out, "], got ", dy.scalar_type(),
+              " ", dy.sizes());
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == n && z.size(1) == r && z.scalar_type() == acc &&
+                  z.is_contiguous(),
+              "z: expected a contiguous ", acc, " [", n, ", ", r, "] tensor, got ",
+              z.scalar_type(), " ", z.sizes());
+
+  // dz = dy B (scaled), then gathered back through the window into tap space.
+  const at::Tensor w_text = pack_t(text_B.t() * text_scale, acc);
+  const at::Tensor w_img = pack_t(image_B.t() * image_scale, acc);
+  at::Tensor dz = at::empty({n, w_text.size(1) + w_img.size(1)}, dy.options().dtype(acc));
+  run_project<S, A>(dy, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, r_i, w_text.size(1)), dz);
+  const at::Tensor a_text = pack(text_A, acc), a_img = pack(taps(image_A), acc);
+  at::Tensor dp = at::empty({n, simd::round_up(r_t, lanes(acc)) + a_img.size(0)},
+                            dy.options().dtype(acc));
+  const int64_t dp_img = dp.size(1) - a_img.size(0);
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    route_backward(dz.data_ptr<A>(), dz.stride(0), w_text.size(1), route.data_ptr<int8_t>(),
+                   nbr_t.data_ptr<int32_t>(), kk, r_t, r_i, dp.data_ptr<A>(), dp.stride(0),
+                   dp_img, b, e);
+  });
+
+  const std::vector<int64_t> rows[2] = {rows_of(route, 0), rows_of(route, 1)};
+  const int64_t ld_b = row_stride(d_out, acc);
+  at::Tensor g_b[2] = {at::zeros({r_t, ld_b}, dy.options().dtype(acc)),
+                       at::zeros({r_i, ld_b}, dy.options().dtype(acc))};
+  run_outer<S, A>(dy, z, rows, {r_t, r_i}, {0, r_t}, g_b);
+  at::Tensor g_a[2] = {at::zeros({r_t, a_text.size(1)}, dy.options().dtype(acc)),
+                       at::zeros({a_img.size(0), a_text.size(1)}, dy.options().dtype(acc))};
+  run_outer<S, A>(x, dp, rows, {r_t, a_img.size(0)}, {0, dp_img}, g_a);
+
+  at::Tensor dx = at::empty({0}, x.options());
+  if (need_dx) {
+    dx = at::mm(dy, weight);
+    run_expand<S, A>(dx, route, dp, seg<A>(a_text, r_t, 0), seg<A>(a_img, a_img.size(0), dp_img));
+  }
+  at::Tensor dw = need_dweight ? at::mm(dy.t(), x) : at::empty({0}, x.options());
+  at::Tensor db = need_dbias ? dy.sum({0}, false, acc).to(dy.scalar_type())
+                             : at::empty({0}, x.options());
+
+  const auto k = image_A.size(2);
+  const auto dtype = x.scalar_type();
+  at::Tensor d_text_A = g_a[0].narrow(1, 0, d_in).to(dtype).contiguous();
+  at::Tensor d_image_A = g_a[1]
+                             .narrow(1, 0, d_in)
+                             .reshape({k, k, r_i, d_in})
+                             .permute({2, 3, 0, 1})
+                             .to(dtype)
+                             .contiguous();
+  at::Tensor d_text_B = (g_b[0].narrow(1, 0, d_out).t() * text_scale).to(dtype).contiguous();
+  at::Tensor d_image_B = (g_b[1].narrow(1, 0, d_out).t() * image_scale).to(dtype).contiguous();
+  return {dx, dw, db, d_text_A, d_text_B, d_image_A, d_image_B};
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(
@@ -126,12 +305,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
     const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
     double text_scale, double image_scale) {
-  check_cpu_dtype(x);
-  TORCH_CHECK(route.is_contiguous() && route.scalar_type() == at::kChar,
-              "route: expected a contiguous int8 tensor");
-  const Device dev{row_blocks(route), route_forward_cpu, route_backward_cpu};
-  return linear_forward(dev, x, weight, bias, text_A, text_B, image_A, image_B, route, nbr,
-                        text_scale, image_scale);
+  check_forward_args(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr);
+  check_cpu(x, route);
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moss_forward_cpu", [&] {
+    return forward_impl<scalar_t>(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr,
+                                  text_scale, image_scale);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -140,19 +319,21 @@ backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight
              const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
              const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
              bool need_dweight, bool need_dbias) {
-  check_cpu_dtype(x);
-  TORCH_CHECK(route.is_contiguous() && route.scalar_type() == at::kChar,
-              "route: expected a contiguous int8 tensor");
-  const Device dev{row_blocks(route), route_forward_cpu, route_backward_cpu};
-  return linear_backward(dev, dy, x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
-                         text_scale, image_scale, need_dx, need_dweight, need_dbias);
+  check_forward_args(x, weight, c10::nullopt, text_A, text_B, image_A, image_B, route, nbr_t);
+  check_cpu(x, route);
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moss_backward_cpu", [&] {
+    return backward_impl<scalar_t>(dy, x, weight, text_A, text_B, image_A, image_B, z, route,
+                                   nbr_t, text_scale, image_scale, need_dx, need_dweight,
+                                   need_dbias);
+  });
 }
 
 }  // namespace
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(moss, CPU, m) {
-  m.impl("_ext_linear_fwd", &forward_cpu);
-  m.impl("_ext_linear_bwd", &backward_cpu);
+  m.impl("_ext_linear_fwd", &cpu::forward_cpu);
+  m.impl("_ext_linear_bwd", &cpu::backward_cpu);
 }
 
 }  // namespace moss

@@ -1,28 +1,17 @@
-// CUDA kernels of moss::_ext_linear_fwd / _ext_linear_bwd: the two routing kernels and the
-// CUDA registration. The GEMMs are cuBLAS, composed in linear.cpp.
-//
-// Why no hand-written GEMM here. The D-wide GEMMs are where the time goes, and on Hopper
-// cuBLAS runs them with TMA + wgmma kernels that a hand-written mma.sync GEMM does not match;
-// the adapter adds only rank-R work. So the adapter rides in cuBLAS GEMMs: the expand is a
-// rank-R GEMM accumulating onto the base GEMM's output (beta = 1, applied in cuBLAS's
-// epilogue), and the transposed convolution in the backward accumulates onto dy W the same
-// way. That costs one extra read and write of y (and dx) per layer, which the Triton backend
-// avoids by putting the expand into its own GEMM's K loop; `moss bench` on a GPU measures
-// both. What must be custom is the data-dependent step, done here in rank space:
+// The CUDA routing kernels (rank space) and their launchers; linear_cuda.cpp composes them with
+// cuBLAS GEMMs and explains why the GEMMs are not hand-written.
 //
 //   route_fwd:  z[t, j]  = P[t, j] if route[t] == 0 (j < R_T);  sum_tap P[nbr[t,tap], ...] else
 //   route_bwd:  dP[s, c] = dz[s, c] if route[s] == 0 (c < R_T); dz[nbr_t[s,tap], R_T + j] else
 //
 // One thread per output element, grid-stride; every output is written by exactly one thread
 // (gathers, no atomics: deterministic). The plan's tables are read on the device, so nothing
-// synchronises with the host. The CUDA path runs as one row block (linear.h): deciding which
-// blocks hold text or image tokens would need the route on the host.
+// synchronises with the host. Launched on the current stream, every launch checked; the caller
+// holds the device guard.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
-#include "../linear.h"
+#include "route_cuda.h"
 
 namespace moss {
 namespace {
@@ -80,6 +69,8 @@ __global__ void route_bwd_kernel(const scalar_t* __restrict__ dz, int64_t ldz,
   }
 }
 
+}  // namespace
+
 void route_forward_cuda(const at::Tensor& p, const at::Tensor& route, const at::Tensor& nbr,
                         int64_t r_t, int64_t r_i, at::Tensor& z) {
   const int64_t n = p.size(0), kk = nbr.size(1), total = n * (r_t + r_i);
@@ -105,49 +96,6 @@ void route_backward_cuda(const at::Tensor& dz, const at::Tensor& route, const at
         nbr_t.data_ptr<int32_t>(), n, r_t, r_i, kk, dp.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-Device cuda_device(int64_t n) {
-  Device dev{{}, route_forward_cuda, route_backward_cuda};
-  if (n > 0) dev.blocks.push_back(RowBlock{0, n, true, true});
-  return dev;
-}
-
-void check_cuda_dtype(const at::Tensor& x) {
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
-              "x: the cuda backend supports float32, float16 and bfloat16, got ", t);
-}
-
-std::tuple<at::Tensor, at::Tensor> forward_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
-    double text_scale, double image_scale) {
-  check_cuda_dtype(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return linear_forward(cuda_device(x.size(0)), x, weight, bias, text_A, text_B, image_A,
-                        image_B, route, nbr, text_scale, image_scale);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-              const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-              const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
-              const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
-              bool need_dweight, bool need_dbias) {
-  check_cuda_dtype(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return linear_backward(cuda_device(x.size(0)), dy, x, weight, text_A, text_B, image_A,
-                         image_B, z, route, nbr_t, text_scale, image_scale, need_dx,
-                         need_dweight, need_dbias);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(moss, CUDA, m) {
-  m.impl("_ext_linear_fwd", &forward_cuda);
-  m.impl("_ext_linear_bwd", &backward_cuda);
 }
 
 }  // namespace moss
