@@ -17,6 +17,10 @@
 #include <torch/library.h>
 
 #include <vector>
+#include <chrono>
+#include <cstdio>
+static double now_ms(){return std::chrono::duration<double,std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();}
+#define TICK(name) do{double _t=now_ms(); if(getenv("MOSS_PROF")) fprintf(stderr,"%s %.3f\n",name,_t-_t0); _t0=_t;}while(0)
 
 #include "../linear.h"
 #include "rank_kernels.h"
@@ -186,11 +190,13 @@ void run_outer(const at::Tensor& x, const at::Tensor& z, const std::vector<int64
                     {int64_t(rows[0].size()), int64_t(rows[1].size())},
                     {width[0], width[1]}, {off[0], off[1]},
                     {g[0].data_ptr<A>(), g[1].data_ptr<A>()}, g[0].size(1)};
-  const int64_t per_route = (d + chunk - 1) / chunk;
-  at::parallel_for(0, 2 * per_route, 1, [&](int64_t b, int64_t e) {
+  // Tasks interleave the routes (text chunk 0, image chunk 0, text chunk 1, ...) so that the
+  // contiguous ranges parallel_for hands each thread carry both routes' work in proportion.
+  const int64_t chunks = (d + chunk - 1) / chunk;
+  at::parallel_for(0, 2 * chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
-      const int r = int(task / per_route);
-      if (width[r] > 0 && !rows[r].empty()) outer(a, r, (task % per_route) * chunk);
+      const int r = int(task % 2);
+      if (width[r] > 0 && !rows[r].empty()) outer(a, r, (task / 2) * chunk);
     }
   });
 }
@@ -210,6 +216,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
     double text_scale, double image_scale) {
   using A = at::opmath_type<S>;
+  double _t0=now_ms();
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = unit_stride(x_in);
   const int64_t n = x.size(0), r_t = text_A.size(0), r_i = image_A.size(0), kk = nbr.size(1);
@@ -218,16 +225,20 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
   run_project<S, A>(x, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, kk * r_i, w_text.size(1)),
                     p);
 
+  TICK("fwd_project");
   at::Tensor z = at::empty({n, r_t + r_i}, x.options().dtype(acc));
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
     route_forward(p.data_ptr<A>(), p.stride(0), w_text.size(1), route.data_ptr<int8_t>(),
                   nbr.data_ptr<int32_t>(), kk, r_t, r_i, z.data_ptr<A>(), b, e);
   });
 
+  TICK("fwd_route");
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  TICK("fwd_base");
   const at::Tensor bt_text = pack(text_B.t() * text_scale, acc);
   const at::Tensor bt_img = pack(image_B.t() * image_scale, acc);
   run_expand<S, A>(y, route, z, seg<A>(bt_text, r_t, 0), seg<A>(bt_img, r_i, r_t));
+  TICK("fwd_expand");
   return {y, z};
 }
 
@@ -239,6 +250,7 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
               const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
               bool need_dweight, bool need_dbias) {
   using A = at::opmath_type<S>;
+  double _t0=now_ms();
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = unit_stride(x_in);
   const at::Tensor dy = dy_in.contiguous();  // a gradient may arrive expanded (stride 0)
@@ -258,6 +270,7 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
   const at::Tensor w_img = pack_t(image_B.t() * image_scale, acc);
   at::Tensor dz = at::empty({n, w_text.size(1) + w_img.size(1)}, dy.options().dtype(acc));
   run_project<S, A>(dy, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, r_i, w_text.size(1)), dz);
+  TICK("bwd_dz");
   const at::Tensor a_text = pack(text_A, acc), a_img = pack(taps(image_A), acc);
   at::Tensor dp = at::empty({n, simd::round_up(r_t, lanes(acc)) + a_img.size(0)},
                             dy.options().dtype(acc));
@@ -268,20 +281,25 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
                    dp_img, b, e);
   });
 
+  TICK("bwd_route");
   const std::vector<int64_t> rows[2] = {rows_of(route, 0), rows_of(route, 1)};
   const int64_t ld_b = row_stride(d_out, acc);
   at::Tensor g_b[2] = {at::zeros({r_t, ld_b}, dy.options().dtype(acc)),
                        at::zeros({r_i, ld_b}, dy.options().dtype(acc))};
   run_outer<S, A>(dy, z, rows, {r_t, r_i}, {0, r_t}, g_b);
+  TICK("bwd_outer_B");
   at::Tensor g_a[2] = {at::zeros({r_t, a_text.size(1)}, dy.options().dtype(acc)),
                        at::zeros({a_img.size(0), a_text.size(1)}, dy.options().dtype(acc))};
   run_outer<S, A>(x, dp, rows, {r_t, a_img.size(0)}, {0, dp_img}, g_a);
 
+  TICK("bwd_outer_A");
   at::Tensor dx = at::empty({0}, x.options());
   if (need_dx) {
     dx = at::mm(dy, weight);
+    TICK("bwd_mm");
     run_expand<S, A>(dx, route, dp, seg<A>(a_text, r_t, 0), seg<A>(a_img, a_img.size(0), dp_img));
   }
+  TICK("bwd_dx");
   at::Tensor dw = need_dweight ? at::mm(dy.t(), x) : at::empty({0}, x.options());
   at::Tensor db = need_dbias ? dy.sum({0}, false, acc).to(dy.scalar_type())
                              : at::empty({0}, x.options());
@@ -297,6 +315,7 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
                              .contiguous();
   at::Tensor d_text_B = (g_b[0].narrow(1, 0, d_out).t() * text_scale).to(dtype).contiguous();
   at::Tensor d_image_B = (g_b[1].narrow(1, 0, d_out).t() * image_scale).to(dtype).contiguous();
+  TICK("bwd_tail");
   return {dx, dw, db, d_text_A, d_text_B, d_image_A, d_image_B};
 }
 
