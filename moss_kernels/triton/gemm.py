@@ -59,8 +59,11 @@ def _accumulate(acc, a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_b
                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """acc += A[rows, :K] @ B[:K, cols], BLOCK_K at a time."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    # int64 like rows and cols: a transposed operand (dy^T, dP^T) steps K by a row stride,
+    # which a view may make large enough that BLOCK_K of them pass 2^31.
+    k64 = offs_k.to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak
+    b_ptrs = b_ptr + k64[:, None] * stride_bk + cols[None, :] * stride_bn
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
