@@ -33,8 +33,11 @@ import torch
 from torch import Tensor
 
 ROUTE_PAD, ROUTE_TEXT, ROUTE_IMAGE = -1, 0, 1
+#: The most tokens one plan holds: ``nbr``/``nbr_t`` store token indices as int32 (half the
+#: bytes of int64 in every kernel's gather), so N - 1 must fit in an int32.
+MAX_TOKENS = torch.iinfo(torch.int32).max
 
-__all__ = ["RoutingPlan", "ROUTE_PAD", "ROUTE_TEXT", "ROUTE_IMAGE"]
+__all__ = ["RoutingPlan", "ROUTE_PAD", "ROUTE_TEXT", "ROUTE_IMAGE", "MAX_TOKENS"]
 
 
 class RoutingPlan:
@@ -148,6 +151,7 @@ class RoutingPlan:
         shape = tuple(route.shape)
         flat = route.reshape(-1)
         n = flat.numel()
+        _check_num_tokens("route", shape, n)
         seq_end = _sequence_ends(shape, cu_seqlens, device, validate)
         if validate:
             _check_route_values(flat, shape)
@@ -219,6 +223,7 @@ class RoutingPlan:
             dtype=input_ids.dtype, device=device,
         ).reshape(-1)
         shape = tuple(input_ids.shape)
+        _check_num_tokens("input_ids", shape, input_ids.numel())
         flat_ids = input_ids.reshape(-1)
         route = torch.isin(flat_ids, ids).to(torch.int8)
         if attention_mask is not None:
@@ -320,6 +325,14 @@ def _sequence_ends(
                 f"{cu.tolist()}"
             )
     return cu[torch.searchsorted(cu, t, right=True).clamp(max=cu.numel() - 1)]
+
+
+def _check_num_tokens(name: str, shape: tuple[int, ...], n: int) -> None:
+    if n > MAX_TOKENS:
+        raise ValueError(
+            f"{name}: shape {shape} holds {n} tokens, more than one RoutingPlan can index "
+            f"(its gather tables are int32: at most {MAX_TOKENS} tokens); split the batch"
+        )
 
 
 def _check_window(kernel_size, causal) -> None:

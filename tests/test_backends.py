@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import moss_kernels as mk
-from moss_kernels import backends
-from conftest import Layout, make_params, random_layout, special_layouts, within_tolerance
+from moss_kernels import backends, reference
+from conftest import (TOLERANCE, Layout, make_params, random_layout, rel_err, special_layouts,
+                      within_tolerance)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -30,14 +31,16 @@ CASES = [(b, d) for b in FUSED for d in (torch.float32, torch.float16, torch.bfl
          if _checkable(b, d)]
 
 
-def _run(layout, k, causal, params, dtype, backend, device=DEVICE, scales=(1.5, 0.5)):
+def _run(layout, k, causal, params, dtype, backend, device=DEVICE, scales=(1.5, 0.5),
+         grad=(-1.0, 1.0)):
+    """Outputs and gradients for ``dy = linspace(*grad)`` (made in float64, then rounded)."""
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
                                      causal=causal, cu_seqlens=layout.cu_seqlens).to(device)
     leaves = {n: v.detach().to(device, dtype).requires_grad_()
               for n, v in params.items() if v is not None}
     y = mk.moss_linear(leaves["x"], leaves["weight"], leaves.get("bias"), plan,
                        *(leaves[n] for n in NAMES[3:]), *scales, backend=backend)
-    y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype, device=device).view_as(y))
+    y.backward(torch.linspace(*grad, y.numel(), dtype=torch.float64).to(device, dtype).view_as(y))
     return {"y": y.detach(), **{n: v.grad for n, v in leaves.items()}}
 
 
@@ -103,13 +106,60 @@ def test_without_bias_and_with_frozen_x(backend, gen):
     assert a.grad is not None and p["x"].grad is None
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_deterministic(backend, gen):
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in mk.available_backends(DEVICE) for d in (
+    torch.float32, torch.float16, torch.bfloat16) if _checkable(b, d)])
+def test_deterministic(backend, dtype, gen):
+    """Two runs give bitwise-equal outputs and gradients (no atomics, no racy reductions)."""
     layout = random_layout(6, p_image=0.8)
     params = make_params(gen, layout.n, 30, 26, 5, 7, 3)
-    first = _run(layout, 3, True, params, torch.float32, backend)
-    second = _run(layout, 3, True, params, torch.float32, backend)
+    first = _run(layout, 3, True, params, dtype, backend)
+    second = _run(layout, 3, True, params, dtype, backend)
     assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+# ------------------------------------------------------------------------- fp16's range
+#: Each case pushes a rank-space intermediate past fp16's largest value (65504) while every
+#: output and gradient fits: ``taps`` the tap products and their routed sums z (large x A,
+#: small B; a small dy keeps dB in range), ``grads`` the gradient dz = dy Bcat and its gather
+#: dP (large dy B; small A and x keep dA in range). Factors multiply make_params' O(1) values.
+RANGE_CASES = {"taps": dict(x=1.0, A=3e4, B=2e-3, dy=1e-2),
+               "grads": dict(x=1e-2, A=1e-1, B=3e3, dy=20.0)}
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+@pytest.mark.parametrize("backend,dtype", [
+    (b, d) for b in mk.available_backends(DEVICE) for d in (torch.float16, torch.bfloat16)
+    if _checkable(b, d)])
+@pytest.mark.parametrize("case", sorted(RANGE_CASES))
+def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, gen):
+    """Sums that fit in fp32 never overflow: outputs and gradients match float64 (the
+    reference within its dtype's tolerance, a fused backend within twice its error)."""
+    layout, f = LAYOUTS[3], RANGE_CASES[case]
+    params = make_params(gen, layout.n, 37, 29, 3, 5, 2)
+    for names, factor in ((("x",), f["x"]), (("text_A", "image_A"), f["A"]),
+                          (("text_B", "image_B"), f["B"])):
+        for name in names:
+            params[name] = params[name] * factor
+    # dy of one sign: db = sum dy must not cancel, or its error would measure the rounding of
+    # dy to the dtype, not the range.
+    grad = (0.25 * f["dy"], f["dy"])
+    want = _run(layout, 2, True, params, torch.float64, "reference", grad=grad)
+    # The premise, in float64: the intermediate passes fp16's range and every output fits.
+    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(),
+                                     cu_seqlens=layout.cu_seqlens)
+    _, z = reference.forward(*(params[n] for n in NAMES), plan.route, plan.nbr, 1.5, 0.5)
+    dy = torch.linspace(*grad, want["y"].numel(), dtype=torch.float64).view_as(want["y"])
+    dz = dy @ torch.cat([params["text_B"] * 1.5, params["image_B"] * 0.5], dim=1)
+    assert (z if case == "taps" else dz).abs().max() > 2 * FP16_MAX
+    assert all(v.abs().max() < FP16_MAX / 2 for v in want.values())
+
+    ref = _run(layout, 2, True, params, dtype, "reference", grad=grad)
+    for name, value in ref.items():
+        assert rel_err(value, want[name]) <= TOLERANCE[dtype], name  # inf or NaN fails
+    if backend != "reference":
+        got = _run(layout, 2, True, params, dtype, backend, grad=grad)
+        for name, value in got.items():
+            assert value.dtype == dtype and within_tolerance(value, ref[name], want[name], dtype), name
 
 
 NATIVE = [b for b in FUSED if not getattr(backends.implementation(b), "INTERPRETED", False)]
@@ -117,7 +167,7 @@ NATIVE = [b for b in FUSED if not getattr(backends.implementation(b), "INTERPRET
 
 @pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("r,k", [(16, 2), (20, 3), (64, 1)])
+@pytest.mark.parametrize("r,k", [(16, 2), (20, 3), (64, 1)] + ([(256, 3)] if GPU else []))
 def test_long_runs_wide_rows(r, k, dtype, backend):
     """Text runs and 32 x 32 images (the last partial), so that every kernel tile and column
     chunk is full somewhere and ragged somewhere: runs longer than any row tile, and widths

@@ -176,3 +176,21 @@ def test_from_input_ids_errors(kwargs, error, match):
     args = dict(input_ids=IDS, image_token_ids=[9], grid=(2, 2)) | kwargs
     with pytest.raises(error, match=match):
         RoutingPlan.from_input_ids(**args)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_more_tokens_than_int32_tables_hold_is_an_error(validate):
+    """nbr/nbr_t hold token indices as int32: 2^31 tokens (here on the meta device, which costs
+    nothing) must be refused by name, not built into wrapped tables; 2^31 - 1 still builds."""
+    limit = torch.iinfo(torch.int32).max
+    images = torch.zeros(0, 3, dtype=torch.int64, device="meta")
+    for shape in [(limit + 1,), (2, 2**30)]:
+        route = torch.zeros(shape, dtype=torch.int8, device="meta")
+        with pytest.raises(ValueError, match=rf"route: shape \({shape[0]},.*2147483648 tokens, "
+                                             rf"more than one RoutingPlan.*at most 2147483647"):
+            RoutingPlan.from_spans(route, images, validate=validate)
+        with pytest.raises(ValueError, match=r"input_ids: shape .* 2147483648 tokens"):
+            RoutingPlan.from_input_ids(route.long(), [5], (2, 2), validate=validate)
+    plan = RoutingPlan.from_spans(torch.zeros(limit, dtype=torch.int8, device="meta"), images,
+                                  validate=False)
+    assert plan.nbr.shape == (limit, 4) and plan.nbr.dtype == torch.int32

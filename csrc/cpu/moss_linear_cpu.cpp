@@ -17,10 +17,6 @@
 #include <torch/library.h>
 
 #include <vector>
-#include <chrono>
-#include <cstdio>
-static double now_ms(){return std::chrono::duration<double,std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();}
-#define TICK(name) do{double _t=now_ms(); if(getenv("MOSS_PROF")) fprintf(stderr,"%s %.3f\n",name,_t-_t0); _t0=_t;}while(0)
 
 #include "../linear.h"
 #include "rank_kernels.h"
@@ -119,11 +115,13 @@ MOSS_CPU_CLONES void route_backward(const double* dz, int64_t ldz, int64_t dz_im
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 int64_t lanes(at::ScalarType acc) { return acc == at::kDouble ? 8 : 16; }
 
-// m [c, d] -> [d, round_up(c)] = m^T zero-padded: a project operand.
-at::Tensor pack_t(const at::Tensor& m, at::ScalarType acc) {
+// m [c, d] -> [d, round_up(c)] = scale * m^T zero-padded: a project operand. The scale is
+// applied in A: rounding scale * B to bf16 first would put an error of bf16's epsilon on every
+// weight, which the cancelling sums of a gradient dy B amplify.
+at::Tensor pack_t(const at::Tensor& m, at::ScalarType acc, double scale = 1.0) {
   at::Tensor w = at::zeros({m.size(1), simd::round_up(m.size(0), lanes(acc))},
                            m.options().dtype(acc));
-  w.narrow(1, 0, m.size(0)).copy_(m.t());
+  w.narrow(1, 0, m.size(0)).copy_(m.t()).mul_(scale);
   return w;
 }
 
@@ -134,10 +132,10 @@ int64_t row_stride(int64_t d, at::ScalarType acc) {
   return simd::round_up(d, lanes(acc)) + lanes(acc);
 }
 
-// m [c, d] -> [c, row_stride(d)] zero-padded: an expand operand.
-at::Tensor pack(const at::Tensor& m, at::ScalarType acc) {
+// m [c, d] -> [c, row_stride(d)] = scale * m zero-padded: an expand operand.
+at::Tensor pack(const at::Tensor& m, at::ScalarType acc, double scale = 1.0) {
   at::Tensor w = at::zeros({m.size(0), row_stride(m.size(1), acc)}, m.options().dtype(acc));
-  w.narrow(1, 0, m.size(1)).copy_(m);
+  w.narrow(1, 0, m.size(1)).copy_(m).mul_(scale);
   return w;
 }
 
@@ -216,7 +214,6 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
     double text_scale, double image_scale) {
   using A = at::opmath_type<S>;
-  double _t0=now_ms();
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = unit_stride(x_in);
   const int64_t n = x.size(0), r_t = text_A.size(0), r_i = image_A.size(0), kk = nbr.size(1);
@@ -225,20 +222,16 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
   run_project<S, A>(x, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, kk * r_i, w_text.size(1)),
                     p);
 
-  TICK("fwd_project");
   at::Tensor z = at::empty({n, r_t + r_i}, x.options().dtype(acc));
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
     route_forward(p.data_ptr<A>(), p.stride(0), w_text.size(1), route.data_ptr<int8_t>(),
                   nbr.data_ptr<int32_t>(), kk, r_t, r_i, z.data_ptr<A>(), b, e);
   });
 
-  TICK("fwd_route");
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  TICK("fwd_base");
-  const at::Tensor bt_text = pack(text_B.t() * text_scale, acc);
-  const at::Tensor bt_img = pack(image_B.t() * image_scale, acc);
+  const at::Tensor bt_text = pack(text_B.t(), acc, text_scale);
+  const at::Tensor bt_img = pack(image_B.t(), acc, image_scale);
   run_expand<S, A>(y, route, z, seg<A>(bt_text, r_t, 0), seg<A>(bt_img, r_i, r_t));
-  TICK("fwd_expand");
   return {y, z};
 }
 
@@ -250,7 +243,6 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
               const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
               bool need_dweight, bool need_dbias) {
   using A = at::opmath_type<S>;
-  double _t0=now_ms();
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = unit_stride(x_in);
   const at::Tensor dy = dy_in.contiguous();  // a gradient may arrive expanded (stride 0)
@@ -266,11 +258,10 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
               z.scalar_type(), " ", z.sizes());
 
   // dz = dy B (scaled), then gathered back through the window into tap space.
-  const at::Tensor w_text = pack_t(text_B.t() * text_scale, acc);
-  const at::Tensor w_img = pack_t(image_B.t() * image_scale, acc);
+  const at::Tensor w_text = pack_t(text_B.t(), acc, text_scale);
+  const at::Tensor w_img = pack_t(image_B.t(), acc, image_scale);
   at::Tensor dz = at::empty({n, w_text.size(1) + w_img.size(1)}, dy.options().dtype(acc));
   run_project<S, A>(dy, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, r_i, w_text.size(1)), dz);
-  TICK("bwd_dz");
   const at::Tensor a_text = pack(text_A, acc), a_img = pack(taps(image_A), acc);
   at::Tensor dp = at::empty({n, simd::round_up(r_t, lanes(acc)) + a_img.size(0)},
                             dy.options().dtype(acc));
@@ -281,25 +272,20 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
                    dp_img, b, e);
   });
 
-  TICK("bwd_route");
   const std::vector<int64_t> rows[2] = {rows_of(route, 0), rows_of(route, 1)};
   const int64_t ld_b = row_stride(d_out, acc);
   at::Tensor g_b[2] = {at::zeros({r_t, ld_b}, dy.options().dtype(acc)),
                        at::zeros({r_i, ld_b}, dy.options().dtype(acc))};
   run_outer<S, A>(dy, z, rows, {r_t, r_i}, {0, r_t}, g_b);
-  TICK("bwd_outer_B");
   at::Tensor g_a[2] = {at::zeros({r_t, a_text.size(1)}, dy.options().dtype(acc)),
                        at::zeros({a_img.size(0), a_text.size(1)}, dy.options().dtype(acc))};
   run_outer<S, A>(x, dp, rows, {r_t, a_img.size(0)}, {0, dp_img}, g_a);
 
-  TICK("bwd_outer_A");
   at::Tensor dx = at::empty({0}, x.options());
   if (need_dx) {
     dx = at::mm(dy, weight);
-    TICK("bwd_mm");
     run_expand<S, A>(dx, route, dp, seg<A>(a_text, r_t, 0), seg<A>(a_img, a_img.size(0), dp_img));
   }
-  TICK("bwd_dx");
   at::Tensor dw = need_dweight ? at::mm(dy.t(), x) : at::empty({0}, x.options());
   at::Tensor db = need_dbias ? dy.sum({0}, false, acc).to(dy.scalar_type())
                              : at::empty({0}, x.options());
@@ -315,7 +301,6 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
                              .contiguous();
   at::Tensor d_text_B = (g_b[0].narrow(1, 0, d_out).t() * text_scale).to(dtype).contiguous();
   at::Tensor d_image_B = (g_b[1].narrow(1, 0, d_out).t() * image_scale).to(dtype).contiguous();
-  TICK("bwd_tail");
   return {dx, dw, db, d_text_A, d_text_B, d_image_A, d_image_B};
 }
 

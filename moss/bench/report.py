@@ -24,14 +24,14 @@ def add_speedups(rows: list[dict]) -> list[str]:
 
 def format_table(rows: list[dict], alts: list[str]) -> str:
     head = (f"{'provider':<20} {'mode':<16} {'median ms':>10} {'p20':>9} {'p80':>9} "
-            f"{'x floor':>8} {'TFLOP/s':>8} {'saved MB':>9}"
+            f"{'x floor':>8} {'TFLOP/s':>8} {'saved MB':>9} {'peak MB':>9} {'peak/ref':>8}"
             + "".join(f" {'vs ' + a:>18}" for a in alts))
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['provider']:<20} {r['mode']:<16} {r['median_ms']:>10.3f} {r['p20_ms']:>9.3f} "
             f"{r['p80_ms']:>9.3f} {r['ratio_to_floor']:>7.3f}x {r['tflops']:>8.3f} "
-            f"{r['saved_mb']:>9.1f}"
+            f"{r['saved_mb']:>9.1f} {r['peak_mb']:>9.1f} {r['peak_vs_reference']:>8.2f}"
             + "".join(f" {_speedup(r.get('x_' + a)) if r['provider'] != 'F.linear' else '':>18}"
                       for a in alts))
     return "\n".join(lines)

@@ -4,17 +4,22 @@ Timing: each round runs every (provider, mode) once, in the same order (A B C A 
 drifting machine hits all alike; rounds after the warm-up are kept and summarised by their
 median with p20/p80. ``backward`` times the backward alone (its forward runs untimed in the
 same round). Memory: ``saved_mb`` is what the autograd graph keeps for the backward (counted
-through saved-tensor hooks, any device); ``peak_mb`` is the CUDA allocator's peak above the
-inputs during the measured call (GPU only).
+through saved-tensor hooks, any device); ``peak_mb`` is the allocator's peak above its level at
+the start of the measured call (CUDA: the caching allocator's statistics, in the timed rounds;
+CPU: :func:`cpu_peak_bytes`, in one extra untimed call per provider and mode, since profiling
+slows the call), and ``peak_vs_reference`` that peak over ``moss:reference``'s for the same case
+and mode.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import moss_kernels as mk
 
@@ -63,6 +68,32 @@ def _saved_bytes(fn: Callable, tensors: dict) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(tensors)
     return total
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes held by the CPU allocator during ``fn()`` above its level at the start.
+
+    The profiler reports every allocation and free of the CPU allocator (any thread, C++
+    extensions included); their running sum in time order is what is held. Python's cycle
+    collector is run before and paused during the call, so garbage caught in a reference cycle
+    counts until the call ends instead of until a collection happens to free it: the figure is
+    deterministic and never below the truth. Memory that bypasses the allocator (BLAS scratch,
+    numpy) is not counted.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    finally:
+        gc.enable()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def _rel_err(got: torch.Tensor | None, want: torch.Tensor) -> float:
@@ -129,6 +160,11 @@ def run_case(case: Case, providers: list[Provider], device: torch.device, dtype:
             v.grad = None
         if progress is not None:
             progress.update(1)
+    if device.type == "cpu":
+        for i, (p, fn, mode) in enumerate(candidates):
+            peaks[i] = cpu_peak_bytes(_measured_call(fn, mode, fwd_t, bwd_t, dy))
+            for v in bwd_t.values():
+                v.grad = None
 
     rows, floor = [], {}
     saved = {p.name: _saved_bytes(fn, bwd_t) for p, fn in built}
@@ -147,31 +183,43 @@ def run_case(case: Case, providers: list[Provider], device: torch.device, dtype:
             "tflops": case.flops(mode, not p.floor) / med / 1e12,
             "gbps": case.bytes(mode, itemsize) / med / 1e9,
             "saved_mb": saved[p.name] / 2**20 if mode != "forward" else 0.0,
-            "peak_mb": peaks[i] / 2**20 if device.type == "cuda" else float("nan"),
+            "peak_mb": peaks[i] / 2**20,
         })
+    ref_peak = {r["mode"]: r["peak_mb"] for r in rows if r["provider"] == "moss:reference"}
     for row in rows:
+        row["peak_vs_reference"] = (row["peak_mb"] / ref_peak[row["mode"]]
+                                    if ref_peak.get(row["mode"]) else float("nan"))
         base = floor.get(row["mode"])
         row["ratio_to_floor"] = row["median_ms"] / 1e3 / base if base else float("nan")
         row["overhead_ms"] = row["median_ms"] - base * 1e3 if base else float("nan")
     return rows, failures
 
 
+def _measured_call(fn, mode, fwd_t, bwd_t, dy) -> Callable[[], None]:
+    """The call a round measures; for ``backward`` its forward runs now, outside it."""
+    if mode == "forward":
+        def call():
+            with torch.no_grad():
+                fn(fwd_t)
+    elif mode == "backward":
+        y = fn(bwd_t)
+        def call():
+            y.backward(dy)
+    else:
+        def call():
+            fn(bwd_t).backward(dy)
+    return call
+
+
 def _time_once(fn, mode, fwd_t, bwd_t, dy, device) -> tuple[float, int]:
     cuda = device.type == "cuda"
-    if mode == "backward":
-        y = fn(bwd_t)
+    call = _measured_call(fn, mode, fwd_t, bwd_t, dy)
     _sync(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    if mode == "forward":
-        with torch.no_grad():
-            fn(fwd_t)
-    elif mode == "backward":
-        y.backward(dy)
-    else:
-        fn(bwd_t).backward(dy)
+    call()
     _sync(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) - base if cuda else 0

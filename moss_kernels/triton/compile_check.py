@@ -38,22 +38,32 @@ def gemm_cases(all_configs: bool):
     from .gemm import _gemm_kernel, configs
 
     tiles = configs()
-    uses = {  # which operand dtypes each use passes (unused operands get A's pointer)
-        "taps": lambda d: dict(a2=d, b2=d, bias=d, route="i8", flags=[(False, False, True)]),
+    rank = lambda d: "fp32" if d == "fp16" else d  # noqa: E731 -- triton/__init__.py: rank_dtype
+    no_flags = [(False, False, False)]
+    uses = {  # the dtypes each use passes (A, B and out default to d; unused operands get A's)
+        "taps": lambda d: dict(out=rank(d), route="i8", flags=[(False, False, True)]),
         "y": lambda d: dict(a2="fp32", b2=d, bias=d, route=d,
                             flags=[(a2, bias, False) for a2 in (True, False) for bias in (True, False)]),
-        "dx": lambda d: dict(a2=d, b2=d, bias=d, route=d, flags=[(True, False, False), (False, False, False)]),
+        "dx": lambda d: dict(a2=rank(d), b2=d, flags=[(True, False, False), (False, False, False)]),
+        # fp16 only: the backward's products that mix in an fp32 intermediate (torch otherwise)
+        "dz": lambda d: dict(out="fp32", flags=no_flags) if d == "fp16" else None,
+        "dBcat": lambda d: dict(b="fp32", out="fp32", flags=no_flags) if d == "fp16" else None,
+        "dA": lambda d: dict(a="fp32", out="fp32", flags=no_flags) if d == "fp16" else None,
     }
     for use, dtype in itertools.product(uses, DTYPES):
         spec = uses[use](dtype)
-        precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
+        if spec is None:
+            continue
+        a = spec.get("a", dtype)
+        spec = {"b": dtype, "out": dtype, "a2": a, "b2": a, "bias": a, "route": a} | spec
+        precisions = ("ieee", "tf32") if a == "fp32" else ("ieee",)
         for (has_a2, has_bias, skip), prec, tile in itertools.product(spec["flags"], precisions, tiles):
             main_case = use == "y" and dtype == "bf16" and has_a2 and has_bias
             if not (all_configs or tile is tiles[0] or main_case):
                 continue
-            types = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "a2_ptr": f"*{spec['a2']}",
+            types = {"a_ptr": f"*{a}", "b_ptr": f"*{spec['b']}", "a2_ptr": f"*{spec['a2']}",
                      "b2_ptr": f"*{spec['b2']}", "bias_ptr": f"*{spec['bias']}",
-                     "route_ptr": f"*{spec['route']}", "out_ptr": f"*{dtype}"}
+                     "route_ptr": f"*{spec['route']}", "out_ptr": f"*{spec['out']}"}
             consts = dict(HAS_A2=has_a2, HAS_BIAS=has_bias, ROUTE_SKIP=skip, PRECISION=prec,
                           **tile.kwargs)
             name = f"gemm[{use} {dtype} a2={has_a2} bias={has_bias} {prec} {tile.kwargs}]"

@@ -17,8 +17,15 @@ The MOSS layer uses it three times (``C = R_t + K*K*R_i`` columns of tap product
 Operands are read through their strides, so transposed views (``W^T``) cost nothing. Rows and
 columns are offset in int64 (N * D can pass 2^31). Out-of-range rows and columns are read
 modulo M / N (always in bounds, no load masks on the hot loop) and masked at the store, as in
-Triton's matmul tutorial; only the K tail is masked. The second product casts its A2 tile to
-B2's dtype before the dot (z is kept in fp32 but multiplies a bf16 Bcat as a bf16 LoRA would).
+Triton's matmul tutorial; only the K tail is masked.
+
+Operands of different dtypes (an fp32 rank-space intermediate: z, and for fp16 inputs also P, dz
+and dP, times a half-precision weight or activation) meet in a bf16 dot when the half type is
+bf16, as a bf16 LoRA would (bf16 has fp32's range), and in a tf32 dot when it is fp16: fp16 tops
+out at 65504, which tap products and their routed sums can pass while the layer's outputs fit
+(issue #9), and tf32 has fp16's 10-bit mantissa with fp32's range, so it is no less precise than
+the fp16 dot it replaces. tf32 runs at half the fp16 tensor-core rate; in the fused y and dx
+GEMMs that touches only the second, R-long reduction.
 
 Autotuning runs only on a GPU; the interpreter (TRITON_INTERPRET=1) gets one small config.
 """
@@ -52,13 +59,25 @@ def _accumulate(acc, a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_b
                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """acc += A[rows, :K] @ B[:K, cols], BLOCK_K at a time."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    # int64 like rows and cols: a transposed operand (dy^T, dP^T) steps K by a row stride,
+    # which a view may make large enough that BLOCK_K of them pass 2^31.
+    k64 = offs_k.to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak
+    b_ptrs = b_ptr + k64[:, None] * stride_bk + cols[None, :] * stride_bn
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+        if a.dtype == b.dtype:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        elif (a.dtype == tl.float16) | (b.dtype == tl.float16):
+            # fp16 meets an fp32 rank-space intermediate: in tf32, which keeps fp16's 10-bit
+            # mantissa but has fp32's range (the intermediate may exceed 65504).
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+        elif a.dtype == tl.float32:
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)  # bf16: fp32's range
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -129,11 +148,13 @@ def precision(dtype: torch.dtype, device: torch.device) -> str:
 
 def launch_gemm(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor | None = None,
          b2: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         route: torch.Tensor | None = None, r_t: int = 0) -> torch.Tensor:
-    """``a @ b (+ a2 @ b2) (+ bias)`` in ``a.dtype``; with ``route``, the tap-product skipping."""
+         route: torch.Tensor | None = None, r_t: int = 0,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``a @ b (+ a2 @ b2) (+ bias)`` in ``out_dtype`` (default ``a.dtype``); with ``route``,
+    the tap-product skipping."""
     m, k = a.shape
     n = b.shape[1]
-    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    out = torch.empty(m, n, dtype=out_dtype or a.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     has_a2 = a2 is not None and a2.shape[1] > 0
