@@ -266,7 +266,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(r_text=0), ValueError, "r_text: expected an int >= 1"),
     (dict(kernel_size=1.5), ValueError, "kernel_size"),
-    (dict(alpha_image=0), ValueError, "alpha_image: expected a number > 0"),
+    (dict(alpha_image=0), ValueError, "alpha_image: expected a finite number > 0"),
     (dict(dropout=1.0), ValueError, r"dropout: expected a number in \[0, 1\)"),
     (dict(image_adapter="lora"), ValueError, "image_adapter: expected one of shared, moe"),
     (dict(target_modules="q_proj"), ValueError, "target_modules"),
