@@ -123,9 +123,9 @@ def test_malformed_records_name_the_record_and_field(tmp_path, line, match):
 def test_train_argument_and_file_errors(tmp_path):
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         main(["train", "--steps", "0", "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="data: .*missing.jsonl does not exist"):
+    with pytest.raises(SystemExit, match="moss train: data: .*missing.jsonl does not exist"):
         main(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="--model: .* is not a local checkpoint folder"):
+    with pytest.raises(SystemExit, match="moss train: --model: .* is not a local checkpoint folder"):
         main(["train", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)])
 
 
