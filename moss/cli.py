@@ -11,11 +11,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 
-from . import bench
+
+@contextmanager
+def input_errors(command: str):
+    """Around a command's input stage: a missing file, malformed data or checkpoint, or an
+    unusable backend ends the command with its message (exit status 1), not a traceback.
+    Errors after the input stage keep their traceback."""
+    from moss_kernels import BackendUnavailableError
+
+    try:
+        yield
+    except (OSError, ValueError, TypeError, BackendUnavailableError) as exc:
+        raise SystemExit(f"moss {command}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import bench
     from .train import add_generate_arguments, add_train_arguments
 
     parser = argparse.ArgumentParser(prog="moss", description=__doc__,
@@ -35,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = getattr(args, "out", None)  # bench, train, experiment: checked before hours of work
+    if out is not None and out.exists() and not out.is_dir():
+        raise SystemExit(f"moss {args.command}: --out: {out} is a file, not a folder")
     if args.command == "info":
         from .info import report
 
@@ -66,4 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         from . import experiment
 
         return experiment.main(args)
+    from . import bench
+
     return bench.main(args)

@@ -14,6 +14,8 @@ Image-adapter variants (the paper's ablations are configurations of the same mac
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
 FORMAT_VERSION = 1
@@ -44,8 +46,9 @@ class MossConfig:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         for name in ("alpha_text", "alpha_image"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 < value < math.inf):
+                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
         if not isinstance(self.causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(self.causal).__name__}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
@@ -60,14 +63,15 @@ class MossConfig:
                              f"{self.target_modules!r}")
         self.target_modules = list(self.target_modules)
         if self.image_token_ids is not None:
-            ids = list(self.image_token_ids)
+            ids = list(_iterable("image_token_ids", self.image_token_ids))
             if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                   for i in ids):
                 raise ValueError(f"image_token_ids: expected non-negative ints, got {ids!r}")
             self.image_token_ids = ids
         if self.image_grid is not None:
-            grid = tuple(self.image_grid)
-            if len(grid) != 2 or not all(isinstance(g, int) and g >= 1 for g in grid):
+            grid = tuple(_iterable("image_grid", self.image_grid))
+            if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1
+                                         for g in grid):
                 raise ValueError(f"image_grid: expected (height, width) >= 1, got {self.image_grid!r}")
             self.image_grid = grid
         if self.backend is not None:
@@ -89,6 +93,8 @@ class MossConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MossConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"config: expected a dict (a JSON object), got {type(d).__name__}")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"format_version: this moss reads adapter configs of version "
@@ -98,3 +104,9 @@ class MossConfig:
         if unknown:
             raise ValueError(f"config: unknown fields {unknown}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _iterable(name: str, value) -> Iterable:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name}: expected a list, got {type(value).__name__}")
+    return value

@@ -20,6 +20,7 @@ the file, line, record and field.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,12 @@ def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: st
                     _fail(where, f"{field}.path", "this backbone has no VQ tokenizer; give codes")
                 file = base / str(seg["path"])
                 if not file.is_file():
-                    _fail(where, f"{field}.path", f"{file} does not exist")
-                seg = {**seg, "codes": vocab.encode_image_file(file)}
+                    _fail(where, f"{field}.path", f"{file} " + (
+                        "is not a file" if file.exists() else "does not exist"))
+                try:
+                    seg = {**seg, "codes": vocab.encode_image_file(file)}
+                except (OSError, ValueError) as exc:  # PIL: unreadable or not an image
+                    _fail(where, f"{field}.path", f"{file} could not be read as an image ({exc})")
             if "codes" not in seg:
                 _fail(where, f"{field}.codes", "missing (give codes or a path)")
             codes = seg["codes"]
@@ -113,15 +118,23 @@ def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: st
 
 
 def load_jsonl(path: str | Path, vocab: Vocabulary, include_image_loss: bool = True) -> list[Example]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"data: expected a file path (str or os.PathLike), got "
+                        f"{type(path).__name__}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data: {path} does not exist")
+        raise FileNotFoundError(f"data: {path} " + (
+            "is not a file" if path.exists() else "does not exist"))
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -134,6 +147,8 @@ def load_jsonl(path: str | Path, vocab: Vocabulary, include_image_loss: bool = T
 
 def collate(examples: list[Example], pad: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (padding never learned)."""
+    if not examples:
+        raise ValueError("examples: expected at least one Example to batch, got none")
     t = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), t), pad, dtype=torch.long)
     labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)

@@ -48,6 +48,8 @@ def get_moss_model(model: nn.Module, cfg: MossConfig, image_logits: bool = False
         raise TypeError(f"model: expected a torch nn.Module, got {type(model).__name__}")
     if not isinstance(cfg, MossConfig):
         raise TypeError(f"cfg: expected a moss.MossConfig, got {type(cfg).__name__}")
+    if not isinstance(image_logits, bool):
+        raise TypeError(f"image_logits: expected a bool, got {type(image_logits).__name__}")
     if any(isinstance(m, MossLinear) for m in model.modules()):
         raise ValueError("model: already holds MOSS layers (call unload() first)")
     return MossModel(model, cfg, image_logits)
@@ -56,20 +58,26 @@ def get_moss_model(model: nn.Module, cfg: MossConfig, image_logits: bool = False
 class MossModel(nn.Module):
     def __init__(self, model: nn.Module, cfg: MossConfig, image_logits: bool = False):
         super().__init__()
-        self.model = model
-        self._restore_mask = unmask_image_logits(model) if image_logits else None
-        self.moss_config = cfg
-        self.router = Router()
-        self.image_token_ids, self.image_grid = image_vocabulary(model, cfg)
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
+        # Everything that can refuse the arguments runs before the model is touched.
+        ids, grid = image_vocabulary(model, cfg)
+        vocab = _vocabulary_size(model)
+        if ids is not None and vocab is not None and max(ids) >= vocab:
+            raise ValueError(f"image_token_ids: {max(ids)} is outside the model's vocabulary "
+                             f"(its input embedding has {vocab} rows)")
         targets = [(name, m) for name, m in model.named_modules()
                    if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.target_modules
                    and "vqmodel" not in name.split(".")]
         if not targets:
             raise ValueError(f"target_modules: no nn.Linear named {cfg.target_modules} in "
                              f"{type(model).__name__}")
+        self.model = model
+        self._restore_mask = unmask_image_logits(model) if image_logits else None
+        self.moss_config = cfg
+        self.router = Router()
+        self.image_token_ids, self.image_grid = ids, grid
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
         self.wrapped = [name for name, _ in targets]
         for name, linear in targets:
             parent, _, child = name.rpartition(".")
@@ -90,6 +98,9 @@ class MossModel(nn.Module):
         """
         if route is not None:
             shape = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
+            if 0 in shape:
+                raise ValueError(f"inputs_embeds: expected at least one token, got shape "
+                                 f"{tuple(shape)}")
             self.router.begin_plan(self._layout_builder(route, images, shape, cu_seqlens))
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -105,9 +116,11 @@ class MossModel(nn.Module):
         return self.model.generate(*args, **kwargs)
 
     def _route_call(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            _check_input_ids(input_ids, _vocabulary_size(self.model))
         if self.router.active:  # the layout came from MossModel.forward
             return
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("input_ids or route: give the token ids, or the explicit layout "
                              "(route and images) when feeding inputs_embeds")
@@ -129,6 +142,8 @@ class MossModel(nn.Module):
                                image_ids=ids, grid=grid, mask=mask)
 
     def _layout_builder(self, route, images, shape, cu_seqlens):
+        if not isinstance(route, torch.Tensor):
+            raise TypeError(f"route: expected a torch.Tensor [B, T], got {type(route).__name__}")
         if images is None:
             raise ValueError("images: required with route (use an empty [0, 3] tensor for none)")
         if route.numel() != shape.numel():
@@ -184,18 +199,31 @@ class MossModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike,
                         image_logits: bool = False) -> MossModel:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a folder path (str or os.PathLike), got "
+                            f"{type(path).__name__}")
         folder = Path(path)
+        if folder.is_file():
+            raise FileNotFoundError(f"path: {folder} is a file; expected the adapter folder "
+                                    f"(holding {CONFIG_NAME} and {WEIGHTS_NAME})")
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"path: {folder / name} does not exist (a MOSS adapter "
                                         f"folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
         try:
             meta = json.loads((folder / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{folder / CONFIG_NAME}: not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{folder / CONFIG_NAME}: expected a JSON object, got "
+                             f"{type(meta).__name__}")
         wrapped, digest = meta.pop("wrapped", None), meta.pop("weights_sha256", None)
+        if digest is None:
+            raise ValueError(f"{folder / CONFIG_NAME}: no weights_sha256 (not written by "
+                             f"save_pretrained)")
         if digest != _sha256(folder / WEIGHTS_NAME):
             raise ValueError(f"{folder / WEIGHTS_NAME}: its SHA-256 does not match the one in "
                              f"{CONFIG_NAME} (a truncated, corrupted or mismatched file)")
@@ -206,7 +234,10 @@ class MossModel(nn.Module):
             raise ValueError(f"model: does not match the adapter's base model (layers the "
                              f"adapter has but the model lacks: {missing[:5]}; the model's "
                              f"extra layers: {extra[:5]})")
-        loaded = load_file(folder / WEIGHTS_NAME)
+        try:
+            loaded = load_file(folder / WEIGHTS_NAME)
+        except SafetensorError as exc:
+            raise ValueError(f"{folder / WEIGHTS_NAME}: not a safetensors file ({exc})") from None
         own = dict(moss.model.named_parameters())
         expected = set(moss.adapter_state_dict())
         missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
@@ -218,8 +249,34 @@ class MossModel(nn.Module):
                 if value.shape != own[key].shape:
                     raise ValueError(f"{key}: expected shape {tuple(own[key].shape)}, the file "
                                      f"has {tuple(value.shape)}")
-                own[key].copy_(value)
+                if not value.is_floating_point() or not bool(value.isfinite().all()):
+                    raise ValueError(f"{key}: the file holds NaN, Inf or non-float values (a "
+                                     f"diverged run?)")
+                own[key].copy_(value)  # cast to the model's dtype, whatever the file's
         return moss
+
+
+def _vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the backbone's input embedding (the ids it can read), when it says."""
+    try:
+        return getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _check_input_ids(ids, vocab: int | None) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"input_ids: expected an integer tensor, got {ids.dtype}")
+    if ids.numel() == 0:
+        raise ValueError(f"input_ids: expected at least one token, got shape {tuple(ids.shape)}")
+    if vocab is not None:
+        bad = (ids < 0) | (ids >= vocab)
+        if bool(bad.any()):
+            at = bad.nonzero()[0].tolist()
+            raise ValueError(f"input_ids{at} = {ids[tuple(at)].item()}: outside the model's "
+                             f"vocabulary of {vocab} ids")
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+from moss_kernels.backends import BACKENDS, resolve
+
+from .cli import input_errors
 from .config import VARIANTS, MossConfig
 from .data import Vocabulary, collate, load_jsonl
 from .model import MossModel, _atomic_write, get_moss_model
@@ -155,7 +158,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from <out>/latest")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default=None, help="moss_kernels backend (default: fastest)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="moss_kernels backend (default: fastest)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the frozen backbone with FSDP2 instead of DDP")
 
@@ -165,20 +169,27 @@ def train(args: argparse.Namespace) -> Path:
     for name in ("steps", "batch_size", "grad_accum", "save_every", "rank", "kernel_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"moss train: --{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0 or args.lr <= 0:
-        raise SystemExit("moss train: --warmup must be >= 0 and --lr > 0")
+    if args.warmup < 0:
+        raise SystemExit(f"moss train: --warmup must be >= 0, got {args.warmup}")
+    for name in ("lr", "alpha", "max_grad_norm"):  # NaN passes a plain "> 0"
+        if not 0 < getattr(args, name) < math.inf:
+            raise SystemExit(f"moss train: --{name.replace('_', '-')} must be a finite number "
+                             f"> 0, got {getattr(args, name)}")
     gpu = torch.cuda.is_available()
     rank, world, local = _distributed(gpu)
     if args.batch_size % world:
         raise SystemExit(f"moss train: --batch-size ({args.batch_size}, the global batch of a "
                          f"micro-step) must be a multiple of the {world} processes")
     torch.manual_seed(args.seed)
-    model, vocab, _ = backbone(args.model)
     image_loss = not args.no_image_loss
-    cfg = MossConfig(r_text=args.rank, r_image=args.rank, alpha_text=args.alpha,
-                     alpha_image=args.alpha, kernel_size=args.kernel_size,
-                     image_adapter=args.variant, image_grid=vocab.grid, backend=args.backend)
-    examples = load_jsonl(args.data, vocab, include_image_loss=image_loss)
+    with input_errors("train"):
+        if args.backend is not None:
+            resolve(args.backend, "cuda" if gpu else "cpu")
+        model, vocab, _ = backbone(args.model)
+        cfg = MossConfig(r_text=args.rank, r_image=args.rank, alpha_text=args.alpha,
+                         alpha_image=args.alpha, kernel_size=args.kernel_size,
+                         image_adapter=args.variant, image_grid=vocab.grid, backend=args.backend)
+        examples = load_jsonl(args.data, vocab, include_image_loss=image_loss)
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -187,8 +198,9 @@ def train(args: argparse.Namespace) -> Path:
     start = 0
     if args.resume and latest.is_file():
         ckpt = out / latest.read_text().strip()
-        moss = MossModel.from_pretrained(model, ckpt, image_logits=image_loss)
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        with input_errors("train --resume"):
+            moss = MossModel.from_pretrained(model, ckpt, image_logits=image_loss)
+            state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         start = state["step"]
     else:
         moss = get_moss_model(model, cfg, image_logits=image_loss)
@@ -319,8 +331,9 @@ def generate(args: argparse.Namespace) -> str:
     if args.max_new_tokens < 1:
         raise SystemExit("moss generate: --max-new-tokens must be >= 1")
     torch.manual_seed(args.seed)
-    model, vocab, decode = backbone(args.model)
-    moss = MossModel.from_pretrained(model, args.adapter, image_logits=True).eval()
+    with input_errors("generate"):
+        model, vocab, decode = backbone(args.model)
+        moss = MossModel.from_pretrained(model, args.adapter, image_logits=True).eval()
     ids = ([vocab.bos] if vocab.bos is not None else []) + list(vocab.encode_text(args.prompt))
     prompt = torch.tensor([ids])
     with torch.no_grad():

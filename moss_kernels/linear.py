@@ -24,6 +24,8 @@ the specification every backend is tested against. This file holds what all back
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -147,8 +149,12 @@ def moss_linear(
     for name, scale in (("text_scale", text_scale), ("image_scale", image_scale)):
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"{name}: expected a float, got {type(scale).__name__}")
+        # The expand GEMM multiplies the scaled B by every token's routed values, zeros
+        # included, so a NaN scale would reach every token, padding too: refuse it.
+        if not math.isfinite(scale):
+            raise ValueError(f"{name}: expected a finite number, got {scale}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in)
+    x2 = x.reshape(math.prod(lead), d_in)  # not -1: D_in may be 0
     if x2.shape[0] != plan.num_tokens:
         raise ValueError(f"x: its leading dims {tuple(lead)} hold {x2.shape[0]} tokens but the "
                          f"plan was built for {plan.num_tokens} (layout {plan.shape})")

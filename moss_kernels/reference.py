@@ -11,14 +11,14 @@ convolution done in rank space:
 
     A_all = [A_t ; A_i[:,:,0,0] ; A_i[:,:,0,1] ; ...]                 [R_t + K*K*R_i, D_in]
     P     = x A_all^T                                                 [N, R_t + K*K*R_i]
-    z_t   = P[:, :R_t] * (route == 0)                                 [N, R_t]
+    z_t   = P[:, :R_t] where route == 0, else 0                       [N, R_t]
     z_i   = sum_tap P_tap[nbr[:, tap]]        (row -1 reads zero)     [N, R_i]
     y     = x W^T + b + [z_t | z_i] [s_t B_t | s_i B_i]^T             [N, D_out]
 
 Backward, with ``Bcat = [s_t B_t | s_i B_i]``:
 
     dB_t = s_t dy^T z_t,  dB_i = s_i dy^T z_i
-    dz   = dy Bcat;  dP_t = dz_t * (route == 0);  dP_tap = dz_i[nbr_t[:, tap]]
+    dz   = dy Bcat;  dP_t = dz_t where route == 0;  dP_tap = dz_i[nbr_t[:, tap]]
     dA_all = dP^T x;  dx = dy W + dP A_all;  dW = dy^T x;  db = sum_t dy
 
 (``dz_i`` needs no route mask: ``nbr_t`` only points at image tokens.) Half-precision inputs
@@ -73,7 +73,8 @@ def forward(
     kk = k * k
     xa = x.to(acc)
     p = xa @ stack_down(text_A, image_A).to(acc).t()  # [N, R_t + KK*R_i]
-    z_t = p[:, :r_t] * (route == 0).unsqueeze(1)
+    # where, not a 0/1 multiply: a NaN in text_A must not reach other tokens (0 * NaN = NaN).
+    z_t = torch.where((route == 0).unsqueeze(1), p[:, :r_t], 0)
     taps = p[:, r_t:].reshape(n, kk, r_i)
     # Tap j of token t reads row nbr[t, j] of tap j's column block.
     z_i = _with_zero_row(taps)[_rows(nbr), torch.arange(kk, device=x.device)].sum(1)
@@ -99,7 +100,7 @@ def backward(
     d_image_B = (dya.t() @ z_i * image_scale).to(image_B.dtype)
     b_cat = torch.cat([text_B.to(acc) * text_scale, image_B.to(acc) * image_scale], dim=1)
     dz = dya @ b_cat  # [N, R_t + R_i]
-    dp_t = dz[:, :r_t] * (route == 0).unsqueeze(1)
+    dp_t = torch.where((route == 0).unsqueeze(1), dz[:, :r_t], 0)
     dp_taps = _with_zero_row(dz[:, r_t:])[_rows(nbr_t)]  # [N, KK, R_i]: dz_i[nbr_t[s, tap]]
     dp = torch.cat([dp_t, dp_taps.flatten(1)], dim=1)
     a_all = stack_down(text_A, image_A).to(acc)

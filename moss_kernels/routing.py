@@ -134,13 +134,13 @@ class RoutingPlan:
         _check_window(kernel_size, causal)
         if not isinstance(route, Tensor):
             raise TypeError(f"route: expected a torch.Tensor, got {type(route).__name__}")
-        if route.dim() not in (1, 2) or route.dtype.is_floating_point or route.dtype == torch.bool:
+        if route.dim() not in (1, 2) or not _is_integer(route.dtype):
             raise ValueError(
                 f"route: expected an integer tensor of shape [N] or [B, T], got dtype "
                 f"{route.dtype} and shape {tuple(route.shape)}"
             )
         device = route.device
-        images = torch.as_tensor(images, dtype=torch.int64, device=device)
+        images = _integers("images", images, device)
         if images.numel() == 0:
             images = images.reshape(0, 3)
         if images.dim() != 2 or images.shape[1] != 3:
@@ -149,7 +149,8 @@ class RoutingPlan:
                 f"{tuple(images.shape)}"
             )
         shape = tuple(route.shape)
-        flat = route.reshape(-1)
+        # int64, so that -1 compares as -1 whatever the caller's integer type (uint8 included).
+        flat = route.reshape(-1).long()
         n = flat.numel()
         _check_num_tokens("route", shape, n)
         seq_end = _sequence_ends(shape, cu_seqlens, device, validate)
@@ -207,7 +208,7 @@ class RoutingPlan:
         _check_window(kernel_size, causal)
         if not isinstance(input_ids, Tensor):
             raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dim() not in (1, 2) or input_ids.dtype.is_floating_point:
+        if input_ids.dim() not in (1, 2) or not _is_integer(input_ids.dtype):
             raise ValueError(
                 f"input_ids: expected an integer tensor of shape [T] or [B, T], got dtype "
                 f"{input_ids.dtype} and shape {tuple(input_ids.shape)}"
@@ -218,13 +219,13 @@ class RoutingPlan:
         ):
             raise ValueError(f"grid: expected (height, width) with positive ints, got {grid!r}")
         device = input_ids.device
-        ids = torch.as_tensor(
-            list(image_token_ids) if not isinstance(image_token_ids, Tensor) else image_token_ids,
-            dtype=input_ids.dtype, device=device,
-        ).reshape(-1)
+        if isinstance(image_token_ids, (str, bytes)) or not isinstance(image_token_ids, Iterable):
+            raise TypeError(f"image_token_ids: expected a list of ints or an integer tensor, got "
+                            f"{type(image_token_ids).__name__}")
+        ids = _integers("image_token_ids", image_token_ids, device).reshape(-1)
         shape = tuple(input_ids.shape)
         _check_num_tokens("input_ids", shape, input_ids.numel())
-        flat_ids = input_ids.reshape(-1)
+        flat_ids = input_ids.reshape(-1).long()
         route = torch.isin(flat_ids, ids).to(torch.int8)
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != shape:
@@ -317,7 +318,9 @@ def _sequence_ends(
         return (t // shape[1] + 1) * shape[1]
     if cu_seqlens is None:
         return torch.full_like(t, n)
-    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64, device=device).reshape(-1)
+    cu = _integers("cu_seqlens", cu_seqlens, device)
+    if cu.dim() != 1:
+        raise ValueError(f"cu_seqlens: expected a 1-D list of offsets, got shape {tuple(cu.shape)}")
     if validate:
         if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu.diff() < 0).any()):
             raise ValueError(
@@ -333,6 +336,23 @@ def _check_num_tokens(name: str, shape: tuple[int, ...], n: int) -> None:
             f"{name}: shape {shape} holds {n} tokens, more than one RoutingPlan can index "
             f"(its gather tables are int32: at most {MAX_TOKENS} tokens); split the batch"
         )
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _integers(name: str, value, device: torch.device) -> Tensor:
+    """``value`` (a tensor or nested lists of ints) as an int64 tensor on ``device``; floats
+    and bools are refused rather than truncated."""
+    try:
+        t = torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: expected ints (a list or an integer tensor), got "
+                        f"{type(value).__name__} ({exc})") from None
+    if t.numel() and not _is_integer(t.dtype):
+        raise TypeError(f"{name}: expected integers, got dtype {t.dtype}")
+    return t.to(torch.int64)
 
 
 def _check_window(kernel_size, causal) -> None:

@@ -21,6 +21,15 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+try:  # hypothesis profiles: ``ci`` (default, bounded), ``long`` (HYPOTHESIS_PROFILE=long)
+    from hypothesis import settings
+except ImportError:
+    pass
+else:
+    settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True)
+    settings.register_profile("long", max_examples=500, deadline=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 #: Max |error| / max |float64 value| for each dtype: about twice what PyTorch's own GEMMs make
 #: in that dtype on these sizes (the reference accumulates half types in float32).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -1,4 +1,5 @@
-"""moss/: injection into real (tiny) transformers models, routing, unload, checkpoints."""
+"""moss/: injection into real (tiny) transformers models, routing, unload, checkpoints (bad
+inputs: tests/test_bad_inputs.py)."""
 
 import copy
 import json
@@ -117,10 +118,6 @@ def test_llama_with_embeddings_and_route():
     images = torch.tensor([[2, 2, 2], [12, 2, 4]])
     out = moss(inputs_embeds=embeds, route=route, images=images).logits
     assert out.shape == (2, 12, 80) and torch.isfinite(out).all()
-    with pytest.raises(ValueError, match="images: required with route"):
-        moss(inputs_embeds=embeds, route=route)
-    with pytest.raises(ValueError, match="input_ids or route"):
-        moss(inputs_embeds=embeds)
     # A Llama given only token ids is text-only.
     ids = torch.randint(0, 80, (2, 7))
     assert moss(input_ids=ids).logits.shape == (2, 7, 80)
@@ -219,32 +216,6 @@ def test_save_and_load_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_load_errors(tmp_path):
-    moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
-    moss.save_pretrained(tmp_path / "ok")
-    with pytest.raises(FileNotFoundError, match="moss_config.json does not exist"):
-        MossModel.from_pretrained(tiny_llama(), tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="does not match the adapter's base model"):
-        MossModel.from_pretrained(tiny_llama(layers=3), tmp_path / "ok")
-    with pytest.raises(ValueError, match=r"\.(text|image)_[AB]: expected shape \(\d+, \d+(, \d+, \d+)?\), the file has"):
-        MossModel.from_pretrained(tiny_llama(hidden=48), tmp_path / "ok")
-    # A truncated weights file.
-    bad = tmp_path / "ok" / "moss_adapter.safetensors"
-    data = bad.read_bytes()
-    bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="SHA-256 does not match"):
-        MossModel.from_pretrained(tiny_llama(), tmp_path / "ok")
-    bad.write_bytes(data)
-    cfg_path = tmp_path / "ok" / "moss_config.json"
-    meta = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(ValueError, match="format_version"):
-        MossModel.from_pretrained(tiny_llama(), tmp_path / "ok")
-    cfg_path.write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        MossModel.from_pretrained(tiny_llama(), tmp_path / "ok")
-
-
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
     moss.save_pretrained(tmp_path)
@@ -263,38 +234,10 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     MossModel.from_pretrained(tiny_llama(), tmp_path)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(r_text=0), ValueError, "r_text: expected an int >= 1"),
-    (dict(kernel_size=1.5), ValueError, "kernel_size"),
-    (dict(alpha_image=0), ValueError, "alpha_image: expected a number > 0"),
-    (dict(dropout=1.0), ValueError, r"dropout: expected a number in \[0, 1\)"),
-    (dict(image_adapter="lora"), ValueError, "image_adapter: expected one of shared, moe"),
-    (dict(target_modules="q_proj"), ValueError, "target_modules"),
-    (dict(image_token_ids=[-1]), ValueError, "image_token_ids"),
-    (dict(image_grid=(0, 2)), ValueError, "image_grid"),
-    (dict(backend="fast"), ValueError, "backend: expected one of"),
-    (dict(causal="yes"), TypeError, "causal: expected a bool"),
-])
-def test_config_errors(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        MossConfig(**kwargs)
-
-
-def test_config_round_trip_and_injection_errors():
+def test_config_round_trip():
     cfg = MossConfig(image_adapter="moe", image_grid=(4, 4), image_token_ids=[5, 6])
     assert MossConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.window == 1 and MossConfig().window == 2
-    with pytest.raises(ValueError, match="unknown fields"):
-        MossConfig.from_dict({**cfg.to_dict(), "rank": 3})
-    with pytest.raises(TypeError, match="model: expected a torch nn.Module"):
-        get_moss_model("llama", cfg)
-    with pytest.raises(ValueError, match="target_modules: no nn.Linear named"):
-        get_moss_model(tiny_llama(), MossConfig(target_modules=["nope"]))
-    moss = get_moss_model(tiny_llama(), MossConfig())
-    with pytest.raises(ValueError, match="already holds MOSS layers"):
-        get_moss_model(moss.model, MossConfig())
-    with pytest.raises(ValueError, match="image_grid: the backbone has image tokens but no"):
-        get_moss_model(tiny_llama(), MossConfig(image_token_ids=[5]))
 
 
 def _cache_kwarg(model) -> str:
@@ -353,9 +296,6 @@ def test_generate_uses_the_decode_state():
             seq = torch.cat([seq, nxt[:, None]], 1)
             smask = torch.cat([smask, torch.ones_like(nxt)[:, None]], 1)
     assert torch.equal(out[:, -4:], seq[:, -4:])
-    with pytest.raises(ValueError, match="causal"):
-        get_moss_model(tiny_chameleon(), MossConfig(causal=False, kernel_size=3,
-                                                    image_grid=GRID)).generate(input_ids=prompt)
 
 
 def test_image_logits_option_lifts_chameleons_mask_and_unload_restores_it():
@@ -369,25 +309,3 @@ def test_image_logits_option_lifts_chameleons_mask_and_unload_restores_it():
     assert torch.isfinite(out.loss) and torch.isfinite(out.logits[..., IMG]).all()
     moss.unload()
     assert (base(input_ids=ids).logits[..., IMG] == torch.finfo(torch.float32).min).all()
-
-
-def test_missing_and_unexpected_adapter_keys(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from moss.model import _sha256
-
-    moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
-    moss.save_pretrained(tmp_path)
-    weights, cfg_path = tmp_path / "moss_adapter.safetensors", tmp_path / "moss_config.json"
-    tensors = load_file(weights)
-    dropped = sorted(tensors)[0]
-    for edit, match in [(lambda t: t.pop(dropped), f"missing keys \\['{dropped}'\\]"),
-                        (lambda t: t.__setitem__("extra.text_A", torch.zeros(1)),
-                         "unexpected keys \\['extra.text_A'\\]")]:
-        changed = dict(tensors)
-        edit(changed)
-        save_file(changed, weights)  # a consistent pair, written by someone else
-        meta = json.loads(cfg_path.read_text())
-        cfg_path.write_text(json.dumps({**meta, "weights_sha256": _sha256(weights)}))
-        with pytest.raises(ValueError, match=match):
-            MossModel.from_pretrained(tiny_llama(), tmp_path)

@@ -1,25 +1,21 @@
 """Property-based tests (hypothesis): random layouts, ranks, windows and sizes on every backend
-this machine has, forward and backward against the float64 reference; NaN propagation.
+this machine has, forward and backward against the float64 reference. (NaN propagation is a
+row of the bad-input catalogue, tests/test_bad_inputs.py.)
 
-Profiles: ``ci`` (default, bounded) and ``long`` (``HYPOTHESIS_PROFILE=long`` for manual runs).
+Profiles (tests/conftest.py): ``ci`` (default, bounded) and ``long``
+(``HYPOTHESIS_PROFILE=long`` for manual runs).
 """
-
-import os
 
 import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import moss_kernels as mk  # noqa: E402
 from moss_kernels import backends  # noqa: E402
 from conftest import make_params, random_layout, within_tolerance  # noqa: E402
-
-settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True)
-settings.register_profile("long", max_examples=500, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
 BACKENDS = [b for b in mk.available_backends("cpu")]
@@ -51,24 +47,3 @@ def test_every_backend_matches_float64(seed, k, causal, r_t, r_i, d_in, d_out, p
         for name, value in got.items():
             assert within_tolerance(value, ref32[name], want[name], torch.float32), (backend, name)
 
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
-@given(seed=st.integers(0, 10_000), k=st.integers(1, 3), token=st.integers(0, 10_000),
-       value=st.sampled_from([float("nan"), float("inf"), -float("inf")]))
-def test_a_non_finite_input_reaches_exactly_the_outputs_that_read_it(seed, k, token, value):
-    """NaN or Inf in one token's input propagates, not masked away: to that token's output and
-    to the image tokens whose window reads it; every other output stays finite."""
-    layout = random_layout(seed, p_image=0.6)
-    gen = torch.Generator().manual_seed(seed)
-    params = make_params(gen, layout.n, 7, 5, 2, 3, k)
-    t = token % layout.n
-    params["x"][t, 2] = value
-    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
-                                     cu_seqlens=layout.cu_seqlens)
-    readers = (plan.nbr == t).any(1)
-    readers[t] = True
-    for backend in BACKENDS:
-        y = mk.moss_linear(*(params[n].float() for n in NAMES[:3]), plan,
-                           *(params[n].float() for n in NAMES[3:]), 1.0, 1.0, backend=backend)
-        assert not torch.isfinite(y[t]).any(), backend
-        assert torch.equal(~torch.isfinite(y).all(1), readers), backend

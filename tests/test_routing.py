@@ -1,4 +1,5 @@
-"""RoutingPlan: tables against a brute-force construction, both constructors, every error."""
+"""RoutingPlan: tables against a brute-force construction, both constructors (bad inputs:
+tests/test_bad_inputs.py)."""
 
 import pytest
 import torch
@@ -115,67 +116,6 @@ def test_to_moves_every_table():
     assert {plan.route.device.type, plan.nbr.device.type, plan.nbr_t.device.type,
             plan.images.device.type} == {"meta"}
     assert "RoutingPlan(shape=(10,)" in repr(plan)
-
-
-# ------------------------------------------------------------------------- validation errors
-R = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 0, 0, -1, -1]])
-OK_SPANS = [[1, 2, 2], [6, 1, 2]]
-
-
-@pytest.mark.parametrize("route,images,kwargs,error,match", [
-    (R.float(), OK_SPANS, {}, ValueError, r"route: expected an integer tensor"),
-    (R.bool(), OK_SPANS, {}, ValueError, r"route: expected an integer tensor"),
-    (R[None], OK_SPANS, {}, ValueError, r"shape \[N\] or \[B, T\]"),
-    ([0, 1], OK_SPANS, {}, TypeError, r"route: expected a torch.Tensor"),
-    (R.clone().index_put_((torch.tensor(1), torch.tensor(3)), torch.tensor(2)), OK_SPANS, {},
-     ValueError, r"route\[1, 3\] = 2: expected -1"),
-    (R, [[1, 2]], {}, ValueError, r"images: expected shape \[n_img, 3\]"),
-    (R, [[1, 0, 2], [6, 1, 2]], {}, ValueError, r"images\[0\] = \[1, 0, 2\]: height and width"),
-    (R, [[1, 2, 2], [12, 1, 2]], {}, ValueError, r"images\[1\] = \[12, 1, 2\]: start is outside"),
-    (R, [[1, 2, 2], [-1, 1, 2]], {}, ValueError, r"images\[1\].*start is outside"),
-    (R, [[0, 2, 2], [6, 1, 2]], {}, ValueError,
-     r"images\[0\] starts at token 0 \(route\[0, 0\] = 0\), which is not an image token"),
-    (R, [[6, 1, 2], [1, 2, 2], [3, 1, 1]], {}, ValueError,
-     r"images\[2\] starts at token 3, inside images\[1\] \(tokens 1..4\)"),
-    (R, [[1, 2, 2], [1, 1, 1], [6, 1, 2]], {}, ValueError, r"images\[1\] starts at token 1, inside images\[0\]"),
-    (R, [[1, 2, 2]], {}, ValueError, r"route\[1, 0\] is an image token outside every image span"),
-    (R, [[1, 1, 2], [6, 1, 2]], {}, ValueError, r"route\[0, 3\] is an image token outside"),
-    (R, OK_SPANS, {"cu_seqlens": [0, 12]}, ValueError, r"cu_seqlens: only for a flat"),
-    (R.flatten(), OK_SPANS, {"cu_seqlens": [0, 5, 11]}, ValueError, r"cu_seqlens: expected non-decreasing"),
-    (R.flatten(), OK_SPANS, {"cu_seqlens": [0, 7, 5, 12]}, ValueError, r"cu_seqlens: expected"),
-    (R, OK_SPANS, {"kernel_size": 0}, ValueError, r"kernel_size: expected an int >= 1, got 0"),
-    (R, OK_SPANS, {"kernel_size": 2.0}, ValueError, r"kernel_size"),
-    (R, OK_SPANS, {"causal": 1}, TypeError, r"causal: expected a bool"),
-])
-def test_from_spans_errors(route, images, kwargs, error, match):
-    with pytest.raises(error, match=match):
-        RoutingPlan.from_spans(route, images, **kwargs)
-
-
-def test_an_image_never_crosses_a_sequence_boundary():
-    route = torch.tensor([0, 1, 1, 1, 1, 1, 0])
-    RoutingPlan.from_spans(route, [[1, 1, 5]])  # one sequence: fine
-    with pytest.raises(ValueError, match=r"route\[4\] is an image token outside"):
-        RoutingPlan.from_spans(route, [[1, 1, 5]], cu_seqlens=[0, 4, 7])
-
-
-IDS = torch.tensor([[1, 9, 9, 2]])
-
-
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(input_ids=IDS.float()), ValueError, r"input_ids: expected an integer tensor"),
-    (dict(input_ids=IDS.tolist()), TypeError, r"input_ids: expected a torch.Tensor"),
-    (dict(grid=(0, 2)), ValueError, r"grid: expected \(height, width\)"),
-    (dict(grid=(2,)), ValueError, r"grid"),
-    (dict(attention_mask=torch.ones(4)), ValueError, r"attention_mask: expected shape \(1, 4\)"),
-    (dict(attention_mask=torch.tensor([[1, 1, 2, 1]])), ValueError,
-     r"attention_mask\[0, 2\] = 2: expected 0 or 1"),
-    (dict(kernel_size=-1), ValueError, r"kernel_size"),
-])
-def test_from_input_ids_errors(kwargs, error, match):
-    args = dict(input_ids=IDS, image_token_ids=[9], grid=(2, 2)) | kwargs
-    with pytest.raises(error, match=match):
-        RoutingPlan.from_input_ids(**args)
 
 
 @pytest.mark.parametrize("validate", [True, False])

@@ -1,4 +1,5 @@
-"""moss train / moss generate, the data format, and the transformers Trainer."""
+"""moss train / moss generate, the data format, and the transformers Trainer (bad inputs:
+tests/test_bad_inputs.py)."""
 
 import json
 import os
@@ -98,35 +99,6 @@ def test_records_become_ids_labels_and_batches():
     batch = collate([ex, text_only], vocab.pad)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert len(load_jsonl(SAMPLE, vocab)) == 32
-
-
-@pytest.mark.parametrize("line,match", [
-    ("{not json", r"bad.jsonl:1: not valid JSON"),
-    ("[1, 2]", r"bad.jsonl:1: record: expected a JSON object"),
-    ('{"id": "a"}', r"bad.jsonl:1 \(id 'a'\): segments: expected a non-empty list"),
-    ('{"segments": [{"type": "video"}]}', r"segments\[0\].type: expected 'text' or 'image'"),
-    ('{"segments": [{"type": "text", "text": ""}]}', r"segments\[0\].text: expected a non-empty"),
-    ('{"segments": [{"type": "text", "text": "a", "role": "bot"}]}', r"segments\[0\].role"),
-    ('{"segments": [{"type": "image", "codes": [1, 2]}]}', r"segments\[0\].codes: expected 16 ints"),
-    ('{"segments": [{"type": "image", "path": "cat.png"}]}', r"segments\[0\].path: .*cat.png does not exist"),
-    ('{"segments": [{"type": "image"}]}', r"segments\[0\].codes: missing"),
-    ('{"segments": [{"type": "text", "text": "a"}]}', r"segments: no assistant segment"),
-])
-def test_malformed_records_name_the_record_and_field(tmp_path, line, match):
-    _, vocab, _ = backbone(None)
-    path = tmp_path / "bad.jsonl"
-    path.write_text(line + "\n")
-    with pytest.raises(ValueError, match=match):
-        load_jsonl(path, vocab)
-
-
-def test_train_argument_and_file_errors(tmp_path):
-    with pytest.raises(SystemExit, match="--steps must be >= 1"):
-        main(["train", "--steps", "0", "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="data: .*missing.jsonl does not exist"):
-        main(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="--model: .* is not a local checkpoint folder"):
-        main(["train", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)])
 
 
 def test_an_image_file_goes_through_the_vq_tokenizer(tmp_path):

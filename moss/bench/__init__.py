@@ -86,8 +86,22 @@ def _git_sha() -> str:
         return ""
 
 
+def _device(name: str | None) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SystemExit(f"moss bench: --device must be cpu or cuda[:index], got {name!r}"
+                         ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"moss bench: --device must be cpu or cuda[:index], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("moss bench: --device cuda: no CUDA GPU is visible to torch "
+                         f"{torch.__version__}")
+    return device
+
+
 def main(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     base = _base_case(args, gpu)
