@@ -178,7 +178,7 @@ void run_project(const at::Tensor& x, const at::Tensor& route, Seg<A> text, Seg<
   at::parallel_for(0, x.size(0), kGrain, [&](int64_t b, int64_t e) { project(a, b, e); });
 }
 
-// g_r[j, :] = sum over route r's rows t of z[t, off_r + j] x[t, :] (g_r: [width_r, round_up(D)]).
+// g_r[j, :] = sum over route r's rows t of z[t, off_r + j] x[t, :] (g_r: [width_r, row_stride(D)]).
 template <typename S, typename A>
 void run_outer(const at::Tensor& x, const at::Tensor& z, const std::vector<int64_t> (&rows)[2],
                const int64_t (&width)[2], const int64_t (&off)[2], at::Tensor (&g)[2]) {
@@ -217,6 +217,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = unit_stride(x_in);
   const int64_t n = x.size(0), r_t = text_A.size(0), r_i = image_A.size(0), kk = nbr.size(1);
+  // y first: the allocator can then hand it the block the previous layer's output just freed
+  // (malloc splits free blocks for smaller requests: allocated after P and z, y often lands on
+  // fresh pages, and first-touch page faults cost several percent of the base GEMM here).
+  at::Tensor y = at::empty({n, weight.size(0)}, x.options());
   const at::Tensor w_text = pack_t(text_A, acc), w_img = pack_t(taps(image_A), acc);
   at::Tensor p = at::empty({n, w_text.size(1) + w_img.size(1)}, x.options().dtype(acc));
   run_project<S, A>(x, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, kk * r_i, w_text.size(1)),
@@ -228,7 +232,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
                   nbr.data_ptr<int32_t>(), kk, r_t, r_i, z.data_ptr<A>(), b, e);
   });
 
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (bias.has_value()) {
+    at::addmm_out(y, *bias, x, weight.t());
+  } else {
+    at::mm_out(y, x, weight.t());
+  }
   const at::Tensor bt_text = pack(text_B.t(), acc, text_scale);
   const at::Tensor bt_img = pack(image_B.t(), acc, image_scale);
   run_expand<S, A>(y, route, z, seg<A>(bt_text, r_t, 0), seg<A>(bt_img, r_i, r_t));
@@ -247,6 +255,8 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
   const at::Tensor x = unit_stride(x_in);
   const at::Tensor dy = dy_in.contiguous();  // a gradient may arrive expanded (stride 0)
   const int64_t n = x.size(0), d_in = x.size(1), d_out = weight.size(0);
+  // dx first, for the reason y comes first in the forward.
+  at::Tensor dx = need_dx ? at::empty({n, d_in}, x.options()) : at::empty({0}, x.options());
   const int64_t r_t = text_A.size(0), r_i = image_A.size(0), r = r_t + r_i, kk = nbr_t.size(1);
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == n && dy.size(1) == d_out &&
                   dy.scalar_type() == x.scalar_type(),
@@ -281,9 +291,8 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
                        at::zeros({a_img.size(0), a_text.size(1)}, dy.options().dtype(acc))};
   run_outer<S, A>(x, dp, rows, {r_t, a_img.size(0)}, {0, dp_img}, g_a);
 
-  at::Tensor dx = at::empty({0}, x.options());
   if (need_dx) {
-    dx = at::mm(dy, weight);
+    at::mm_out(dx, dy, weight);
     run_expand<S, A>(dx, route, dp, seg<A>(a_text, r_t, 0), seg<A>(a_img, a_img.size(0), dp_img));
   }
   at::Tensor dw = need_dweight ? at::mm(dy.t(), x) : at::empty({0}, x.options());

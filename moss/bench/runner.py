@@ -13,8 +13,11 @@ and mode.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -70,6 +73,21 @@ def _saved_bytes(fn: Callable, tensors: dict) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Kineto writes "USDT: ... profiler_start/stop" lines straight to file descriptor 2 on
+    every profile, through the progress bar; point it at /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes held by the CPU allocator during ``fn()`` above its level at the start.
 
@@ -83,7 +101,8 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     gc.collect()
     gc.disable()
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                                profile_memory=True) as prof:
             fn()
     finally:
         gc.enable()
