@@ -36,6 +36,8 @@ from .router import Router
 
 WEIGHTS_NAME = "moss_adapter.safetensors"
 CONFIG_NAME = "moss_config.json"
+#: New weights wait under this name until the config naming them is committed (save_pretrained).
+PENDING_NAME = ".moss_adapter.safetensors.pending"
 
 
 def get_moss_model(model: nn.Module, cfg: MossConfig, image_logits: bool = False) -> MossModel:
@@ -186,15 +188,22 @@ class MossModel(nn.Module):
         as the distributed trainer does on every rank before rank 0 writes)."""
         from safetensors.torch import save_file
 
+        # Two files cannot be replaced at once, so one rename commits: the config's, which names
+        # the weights by SHA-256. The new weights are written first under PENDING_NAME, the
+        # config is replaced (the commit), then the weights are renamed into place. Interrupted
+        # before the commit, the folder still holds the previous pair; after it, the loader
+        # finds the weights the config names in the pending file (_committed_weights).
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         state = self.adapter_state_dict() if state is None else state
         tensors = {k: v.contiguous().cpu() for k, v in state.items()}
-        weights = _atomic_write(folder / WEIGHTS_NAME, lambda f: save_file(tensors, f))
+        pending = _atomic_write(folder / PENDING_NAME, lambda f: save_file(tensors, f))
         meta = {**self.moss_config.to_dict(), "wrapped": self.wrapped,
-                "weights_sha256": _sha256(weights)}
+                "weights_sha256": _sha256(pending)}
         _atomic_write(folder / CONFIG_NAME,
                       lambda f: Path(f).write_text(json.dumps(meta, indent=2) + "\n"))
+        os.replace(pending, folder / WEIGHTS_NAME)
+        _fsync_dir(folder)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike,
@@ -210,7 +219,8 @@ class MossModel(nn.Module):
             raise FileNotFoundError(f"path: {folder} is a file; expected the adapter folder "
                                     f"(holding {CONFIG_NAME} and {WEIGHTS_NAME})")
         for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).is_file():
+            if not (folder / name).is_file() and not (
+                    name == WEIGHTS_NAME and (folder / PENDING_NAME).is_file()):
                 raise FileNotFoundError(f"path: {folder / name} does not exist (a MOSS adapter "
                                         f"folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
         try:
@@ -224,9 +234,7 @@ class MossModel(nn.Module):
         if digest is None:
             raise ValueError(f"{folder / CONFIG_NAME}: no weights_sha256 (not written by "
                              f"save_pretrained)")
-        if digest != _sha256(folder / WEIGHTS_NAME):
-            raise ValueError(f"{folder / WEIGHTS_NAME}: its SHA-256 does not match the one in "
-                             f"{CONFIG_NAME} (a truncated, corrupted or mismatched file)")
+        weights = _committed_weights(folder, digest)
         moss = get_moss_model(model, MossConfig.from_dict(meta), image_logits)
         if wrapped is not None and wrapped != moss.wrapped:
             missing = sorted(set(wrapped) - set(moss.wrapped))
@@ -235,14 +243,14 @@ class MossModel(nn.Module):
                              f"adapter has but the model lacks: {missing[:5]}; the model's "
                              f"extra layers: {extra[:5]})")
         try:
-            loaded = load_file(folder / WEIGHTS_NAME)
+            loaded = load_file(weights)
         except SafetensorError as exc:
-            raise ValueError(f"{folder / WEIGHTS_NAME}: not a safetensors file ({exc})") from None
+            raise ValueError(f"{weights}: not a safetensors file ({exc})") from None
         own = dict(moss.model.named_parameters())
         expected = set(moss.adapter_state_dict())
         missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
         if missing or unexpected:
-            raise ValueError(f"{folder / WEIGHTS_NAME}: missing keys {missing[:5]}, unexpected "
+            raise ValueError(f"{weights}: missing keys {missing[:5]}, unexpected "
                              f"keys {unexpected[:5]}")
         with torch.no_grad():
             for key, value in loaded.items():
@@ -297,7 +305,8 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write(target: Path, write) -> Path:
-    """``write(tmp_path)`` into a temporary file beside ``target``, fsync, rename over it."""
+    """``write(tmp_path)`` into a temporary file beside ``target``, fsync, rename over it (and
+    fsync the folder, so that the rename itself survives a power cut)."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -305,7 +314,27 @@ def _atomic_write(target: Path, write) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "posix":  # Windows cannot open a folder for fsync; its renames are journaled
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _committed_weights(folder: Path, digest: str) -> Path:
+    """The weights file whose SHA-256 the config names: WEIGHTS_NAME, or PENDING_NAME when a
+    save was interrupted after committing the config but before renaming the weights."""
+    for name in (WEIGHTS_NAME, PENDING_NAME):
+        if (folder / name).is_file() and _sha256(folder / name) == digest:
+            return folder / name
+    raise ValueError(f"{folder / WEIGHTS_NAME}: its SHA-256 does not match the one in "
+                     f"{CONFIG_NAME} (a truncated, corrupted or mismatched file)")

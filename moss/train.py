@@ -300,7 +300,11 @@ def save_checkpoint(moss, opt, sched, step: int, out: Path, rank: int = 0) -> Pa
     optimizer = get_optimizer_state_dict(moss, opt, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True))
     target = out / f"checkpoint-{step}"
-    if rank != 0:
+    previous = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
+    if rank != 0 or previous == target.name:
+        # (The committed checkpoint of this very step: a resumed run saving at once. Exact
+        # resume makes it identical, and replacing it would leave `latest` naming a folder
+        # that is briefly absent.)
         return target
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -310,7 +314,6 @@ def save_checkpoint(moss, opt, sched, step: int, out: Path, rank: int = 0) -> Pa
     _atomic_write(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    previous = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
     _atomic_write(out / "latest", lambda f: Path(f).write_text(target.name))
     if previous and previous != target.name:
         shutil.rmtree(out / previous, ignore_errors=True)

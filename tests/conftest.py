@@ -168,3 +168,40 @@ def make_params(gen, n, d_in, d_out, r_t, r_i, k, dtype=torch.float64, bias=True
         image_A=rand(r_i, d_in, k, k, scale=d_in ** -0.5),
         image_B=rand(d_out, r_i, scale=max(r_i, 1) ** -0.5),
     )
+
+
+class Interrupted(BaseException):
+    """What a crash injected by :func:`interrupt_at` raises (a BaseException, like Ctrl-C, so
+    that no ``except Exception`` in the code under test can swallow it)."""
+
+
+def interrupt_at(monkeypatch, k: int) -> list[int]:
+    """Make the k-th call (from 1) of any file-system step a save takes raise Interrupted:
+    the writers (safetensors, torch.save, Path.write_text) after writing half a file, the rest
+    (fsync, rename, unlink, rmtree) before acting. Returns the running call count, so a caller
+    knows a save that passed k made fewer calls and every point has been tried."""
+    import shutil
+    from pathlib import Path
+
+    import safetensors.torch
+
+    calls = [0]
+
+    def wrap(fn, target_arg):
+        def inner(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == k:
+                if target_arg is not None:
+                    with open(args[target_arg], "wb") as f:
+                        f.write(b"half a file")
+                raise Interrupted
+            return fn(*args, **kwargs)
+        return inner
+
+    # (owner, function, which positional argument is the file it writes, if it writes one)
+    for owner, name, target_arg in [(safetensors.torch, "save_file", 1), (torch, "save", 1),
+                                    (Path, "write_text", 0), (os, "fsync", None),
+                                    (os, "replace", None), (os, "unlink", None),
+                                    (shutil, "rmtree", None)]:
+        monkeypatch.setattr(owner, name, wrap(getattr(owner, name), target_arg))
+    return calls

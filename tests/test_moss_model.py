@@ -10,6 +10,7 @@ import torch
 
 import moss_kernels as mk
 from moss import MossConfig, MossModel, get_moss_model, tiny
+from conftest import Interrupted, interrupt_at
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -216,22 +217,31 @@ def test_save_and_load_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_save_interrupted_at_any_point_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
+    """Over an existing adapter, interrupt save_pretrained at each of its file-system steps in
+    turn: the folder always loads, as the previous adapter or (once the config is committed)
+    the new one, never a mixture and never an error."""
     moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
-    moss.save_pretrained(tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    old = {k: v.clone() for k, v in moss.adapter_state_dict().items()}
     _randomize_B(moss)
-    import safetensors.torch
-
-    def crash(tensors, filename):
-        open(filename, "wb").write(b"partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
-    with pytest.raises(KeyboardInterrupt):
-        moss.save_pretrained(tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    MossModel.from_pretrained(tiny_llama(), tmp_path)
+    new = {k: v.clone() for k, v in moss.adapter_state_dict().items()}
+    outcomes = set()
+    for k in range(1, 100):
+        folder = tmp_path / f"k{k}"
+        moss.save_pretrained(folder, old)
+        with monkeypatch.context() as m:
+            calls = interrupt_at(m, k)
+            try:
+                moss.save_pretrained(folder, new)
+            except Interrupted:
+                pass
+        state = MossModel.from_pretrained(tiny_llama(), folder).adapter_state_dict()
+        same = [all(torch.equal(state[n], v[n]) for n in v) for v in (old, new)]
+        assert any(same), f"interrupted at step {k}: neither the old nor the new adapter"
+        outcomes.add("new" if same[1] else "old")
+        if calls[0] < k:  # the save finished before step k: every step has been interrupted
+            break
+    assert outcomes == {"old", "new"} and calls[0] >= 4
 
 
 def test_config_round_trip():

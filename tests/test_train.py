@@ -141,3 +141,54 @@ def test_a_local_checkpoint_with_its_tokenizer(tmp_path, capsys):
     assert main(["generate", "--adapter", str(out / "checkpoint-6"), "--model", str(path),
                  "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_a_checkpoint_interrupted_at_any_point_leaves_latest_loadable(tmp_path, monkeypatch):
+    """Interrupt the step-8 checkpoint at each of its file-system steps in turn (checkpoint-4
+    committed before): `latest` always names a whole checkpoint, step 4's or step 8's, whose
+    adapter and trainer state belong together."""
+    from moss import MossConfig, MossModel, get_moss_model, tiny
+    from moss.train import save_checkpoint
+    from conftest import Interrupted, interrupt_at
+
+    moss = get_moss_model(tiny.build(), MossConfig(r_text=2, r_image=2))
+    params = [p for p in moss.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def step():
+        sum((p * p).sum() for p in params).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    step()
+    saved = {4: {k: v.clone() for k, v in moss.adapter_state_dict().items()}}
+    step()
+    saved[8] = {k: v.clone() for k, v in moss.adapter_state_dict().items()}
+    steps_seen = set()
+    for k in range(1, 200):
+        out = tmp_path / f"k{k}"
+        out.mkdir()
+        own = dict(moss.model.named_parameters())  # adapter_state_dict's names
+        with torch.no_grad():  # checkpoint-4 from step 4's weights, then back to step 8's
+            for name, value in saved[4].items():
+                own[name].copy_(value)
+            save_checkpoint(moss, opt, sched, 4, out)
+            for name, value in saved[8].items():
+                own[name].copy_(value)
+        with monkeypatch.context() as m:
+            calls = interrupt_at(m, k)
+            try:
+                save_checkpoint(moss, opt, sched, 8, out)
+            except Interrupted:
+                pass
+        ckpt = out / (out / "latest").read_text().strip()
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        loaded = MossModel.from_pretrained(tiny.build(), ckpt).adapter_state_dict()
+        want = saved[state["step"]]
+        assert all(torch.equal(loaded[n], want[n]) for n in want), f"step {k}: {ckpt.name}"
+        steps_seen.add(state["step"])
+        if calls[0] < k:
+            break
+    assert steps_seen == {4, 8} and calls[0] >= 8

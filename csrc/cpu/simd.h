@@ -46,14 +46,19 @@ constexpr int64_t kLanes = 64 / sizeof(A);
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// The first n (<= kLanes) elements at p, converted to A; the other lanes are 0.
+// The first n (<= kLanes) elements at p, converted to A; the other lanes are 0. Partial and
+// converting loads go through a plain array and one whole-vector copy: writing a vector's
+// lanes one by one would make the compiler keep it (and, inlined, a kernel's accumulators) in
+// memory instead of registers.
 template <typename A, typename S>
 MOSS_INLINE Vec<A> load(const S* p, int64_t n = kLanes<A>) {
-  Vec<A> v = {};
+  Vec<A> v;
   if (std::is_same<A, S>::value && n == kLanes<A>) {
     std::memcpy(&v, p, sizeof v);
   } else {
-    for (int64_t i = 0; i < n; ++i) v[i] = static_cast<A>(p[i]);
+    A lanes[kLanes<A>] = {};
+    for (int64_t i = 0; i < n; ++i) lanes[i] = static_cast<A>(p[i]);
+    std::memcpy(&v, lanes, sizeof v);
   }
   return v;
 }
@@ -64,7 +69,9 @@ MOSS_INLINE void store(S* p, const Vec<A>& v, int64_t n = kLanes<A>) {
   if (std::is_same<A, S>::value && n == kLanes<A>) {
     std::memcpy(p, &v, sizeof v);
   } else {
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<S>(v[i]);
+    A lanes[kLanes<A>];
+    std::memcpy(lanes, &v, sizeof v);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<S>(lanes[i]);
   }
 }
 

@@ -1,8 +1,9 @@
 """Check every provider against float64, then time them interleaved; one row per measurement.
 
 Timing: each round runs every (provider, mode) once, in the same order (A B C A B C ...), so a
-drifting machine hits all alike; rounds after the warm-up are kept and summarised by their
-median with p20/p80. ``backward`` times the backward alone (its forward runs untimed in the
+drifting machine hits all alike; each timed call follows an untimed one of the same provider
+(:func:`_time_once`); rounds after the warm-up are kept and summarised by their median with
+p20/p80. ``backward`` times the backward alone (its forward runs untimed in the
 same round). Memory: ``saved_mb`` is what the autograd graph keeps for the backward (counted
 through saved-tensor hooks, any device); ``peak_mb`` is the allocator's peak above its level at
 the start of the measured call (CUDA: the caching allocator's statistics, in the timed rounds;
@@ -139,6 +140,10 @@ def run_case(case: Case, providers: list[Provider], device: torch.device, dtype:
              log=print) -> tuple[list[dict], dict[str, str]]:
     """Rows for every timed (provider, mode), and {provider: what is wrong} for those that
     failed the float64 check (never timed)."""
+    # Fresh compile caches per case: the eager formulation's Python loop over images recompiles
+    # for every layout, and past dynamo's recompile limit (8) the compile:* providers would
+    # silently run eager for the rest of a sweep.
+    torch._dynamo.reset()
     route, spans = layout(case, device)
     problem = make_problem(case, route, spans)
     master = _master(case, device)
@@ -175,8 +180,6 @@ def run_case(case: Case, providers: list[Provider], device: torch.device, dtype:
             if rnd >= warmup:
                 times[i].append(elapsed)
                 peaks[i] = max(peaks[i], peak)
-        for v in bwd_t.values():
-            v.grad = None
         if progress is not None:
             progress.update(1)
     if device.type == "cpu":
@@ -231,8 +234,15 @@ def _measured_call(fn, mode, fwd_t, bwd_t, dy) -> Callable[[], None]:
 
 
 def _time_once(fn, mode, fwd_t, bwd_t, dy, device) -> tuple[float, int]:
+    """One timed call, after an untimed one of the same provider: rounds interleave the
+    providers, and what the previous one left (freed blocks the allocator splits differently,
+    its cache footprint) moved a CPU time by up to 10% otherwise. Gradients are reset first,
+    so every timed backward writes them fresh rather than accumulating."""
     cuda = device.type == "cuda"
+    _measured_call(fn, mode, fwd_t, bwd_t, dy)()
     call = _measured_call(fn, mode, fwd_t, bwd_t, dy)
+    for v in bwd_t.values():
+        v.grad = None
     _sync(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
