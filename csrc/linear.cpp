@@ -42,4 +42,18 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
               x.device(), ", got ", window.scalar_type(), " ", window.sizes());
 }
 
+void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& z, int64_t r) {
+  const int64_t n = x.size(0), d_out = weight.size(0);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == n && dy.size(1) == d_out &&
+                  dy.scalar_type() == x.scalar_type() && dy.device() == x.device(),
+              "dy: expected ", x.scalar_type(), " [", n, ", ", d_out, "] on ", x.device(),
+              ", got ", dy.scalar_type(), " ", dy.sizes(), " on ", dy.device());
+  const auto acc = acc_type(x.scalar_type());
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == n && z.size(1) == r && z.scalar_type() == acc &&
+                  z.is_contiguous() && z.device() == x.device(),
+              "z: expected a contiguous ", acc, " [", n, ", ", r, "] tensor on ", x.device(),
+              ", got ", z.scalar_type(), " ", z.sizes());
+}
+
 }  // namespace moss

@@ -7,6 +7,11 @@
 
 namespace moss {
 
+// The dtype sums are kept in: float64 for float64 inputs, float32 for every other dtype.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // TORCH_CHECKs whose messages name the offending argument (the Python layer validates first;
 // these guard direct calls of the torch.ops).
 void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
@@ -14,5 +19,10 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& text_B, const at::Tensor& image_A,
                         const at::Tensor& image_B, const at::Tensor& route,
                         const at::Tensor& window);
+
+// The backward's own arguments: dy [N, D_out] in x's dtype, z [N, R_T + R_I] contiguous in the
+// accumulation dtype (float64 for float64, else float32), as the forward returned it.
+void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& z, int64_t r);
 
 }  // namespace moss

@@ -87,33 +87,27 @@ MOSS_CPU_KERNELS(double, double)
 MOSS_CPU_KERNELS(c10::BFloat16, float)
 #undef MOSS_CPU_KERNELS
 
-MOSS_CPU_CLONES void route_forward(const float* p, int64_t ldp, int64_t p_img,
-                                   const int8_t* route, const int32_t* nbr, int64_t kk,
-                                   int64_t r_t, int64_t r_i, float* z, int64_t b, int64_t e) {
-  route_forward_rows(p, ldp, p_img, route, nbr, kk, r_t, r_i, z, b, e);
-}
-MOSS_CPU_CLONES void route_forward(const double* p, int64_t ldp, int64_t p_img,
-                                   const int8_t* route, const int32_t* nbr, int64_t kk,
-                                   int64_t r_t, int64_t r_i, double* z, int64_t b, int64_t e) {
-  route_forward_rows(p, ldp, p_img, route, nbr, kk, r_t, r_i, z, b, e);
-}
-MOSS_CPU_CLONES void route_backward(const float* dz, int64_t ldz, int64_t dz_img,
-                                    const int8_t* route, const int32_t* nbr_t, int64_t kk,
-                                    int64_t r_t, int64_t r_i, float* dp, int64_t ldp,
-                                    int64_t dp_img, int64_t b, int64_t e) {
-  route_backward_rows(dz, ldz, dz_img, route, nbr_t, kk, r_t, r_i, dp, ldp, dp_img, b, e);
-}
-MOSS_CPU_CLONES void route_backward(const double* dz, int64_t ldz, int64_t dz_img,
-                                    const int8_t* route, const int32_t* nbr_t, int64_t kk,
-                                    int64_t r_t, int64_t r_i, double* dp, int64_t ldp,
-                                    int64_t dp_img, int64_t b, int64_t e) {
-  route_backward_rows(dz, ldz, dz_img, route, nbr_t, kk, r_t, r_i, dp, ldp, dp_img, b, e);
-}
+// The routing kernels read and write only the accumulation type A.
+#define MOSS_CPU_ROUTING(A)                                                                     \
+  MOSS_CPU_CLONES void route_forward(const A* p, int64_t ldp, int64_t p_img,                   \
+                                     const int8_t* route, const int32_t* nbr, int64_t kk,       \
+                                     int64_t r_t, int64_t r_i, A* z, int64_t b, int64_t e) {    \
+    route_forward_rows(p, ldp, p_img, route, nbr, kk, r_t, r_i, z, b, e);                       \
+  }                                                                                             \
+  MOSS_CPU_CLONES void route_backward(const A* dz, int64_t ldz, int64_t dz_img,                \
+                                      const int8_t* route, const int32_t* nbr_t, int64_t kk,    \
+                                      int64_t r_t, int64_t r_i, A* dp, int64_t ldp,             \
+                                      int64_t dp_img, int64_t b, int64_t e) {                   \
+    route_backward_rows(dz, ldz, dz_img, route, nbr_t, kk, r_t, r_i, dp, ldp, dp_img, b, e);    \
+  }
+MOSS_CPU_ROUTING(float)
+MOSS_CPU_ROUTING(double)
+#undef MOSS_CPU_ROUTING
 
 // ---- operand packing and the composition ------------------------------------------------------
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-int64_t lanes(at::ScalarType acc) { return acc == at::kDouble ? 8 : 16; }
+// simd::kLanes of the accumulation type, for code that holds it as a ScalarType.
+int64_t lanes(at::ScalarType acc) { return 64 / static_cast<int64_t>(c10::elementSize(acc)); }
 
 // m [c, d] -> [d, round_up(c)] = scale * m^T zero-padded: a project operand. The scale is
 // applied in A: rounding scale * B to bf16 first would put an error of bf16's epsilon on every
@@ -199,12 +193,10 @@ void run_outer(const at::Tensor& x, const at::Tensor& z, const std::vector<int64
   });
 }
 
-void check_cpu(const at::Tensor& x, const at::Tensor& route) {
+void check_cpu_dtype(const at::Tensor& x) {
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
               "x: the cpu backend supports float32, float64 and bfloat16, got ", t);
-  TORCH_CHECK(route.is_contiguous() && route.scalar_type() == at::kChar,
-              "route: expected a contiguous int8 tensor");
 }
 
 template <typename S>
@@ -255,17 +247,10 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
   const at::Tensor x = unit_stride(x_in);
   const at::Tensor dy = dy_in.contiguous();  // a gradient may arrive expanded (stride 0)
   const int64_t n = x.size(0), d_in = x.size(1), d_out = weight.size(0);
+  const int64_t r_t = text_A.size(0), r_i = image_A.size(0), kk = nbr_t.size(1);
+  check_backward_args(dy, x, weight, z, r_t + r_i);
   // dx first, for the reason y comes first in the forward.
   at::Tensor dx = need_dx ? at::empty({n, d_in}, x.options()) : at::empty({0}, x.options());
-  const int64_t r_t = text_A.size(0), r_i = image_A.size(0), r = r_t + r_i, kk = nbr_t.size(1);
-  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == n && dy.size(1) == d_out &&
-                  dy.scalar_type() == x.scalar_type(),
-              "dy: expected ", x.scalar_type(), " [", n, ", ", d_out, "], got ", dy.scalar_type(),
-              " ", dy.sizes());
-  TORCH_CHECK(z.dim() == 2 && z.size(0) == n && z.size(1) == r && z.scalar_type() == acc &&
-                  z.is_contiguous(),
-              "z: expected a contiguous ", acc, " [", n, ", ", r, "] tensor, got ",
-              z.scalar_type(), " ", z.sizes());
 
   // dz = dy B (scaled), then gathered back through the window into tap space.
   const at::Tensor w_text = pack_t(text_B.t(), acc, text_scale);
@@ -319,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
     double text_scale, double image_scale) {
   check_forward_args(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr);
-  check_cpu(x, route);
+  check_cpu_dtype(x);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moss_forward_cpu", [&] {
     return forward_impl<scalar_t>(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr,
                                   text_scale, image_scale);
@@ -333,7 +318,7 @@ backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight
              const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
              bool need_dweight, bool need_dbias) {
   check_forward_args(x, weight, c10::nullopt, text_A, text_B, image_A, image_B, route, nbr_t);
-  check_cpu(x, route);
+  check_cpu_dtype(x);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moss_backward_cpu", [&] {
     return backward_impl<scalar_t>(dy, x, weight, text_A, text_B, image_A, image_B, z, route,
                                    nbr_t, text_scale, image_scale, need_dx, need_dweight,

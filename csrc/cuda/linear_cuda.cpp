@@ -31,7 +31,6 @@
 namespace moss {
 namespace {
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // A_all [R_T + KK*R_I, D_in]: the text rows, then one block of R_I rows per tap (p*K + q).
 at::Tensor stack_down(const at::Tensor& text_A, const at::Tensor& image_A) {
@@ -91,14 +90,9 @@ backward_cuda(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& we
   check_cuda_dtype(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dy = dy_in.contiguous();  // a gradient may arrive expanded (stride 0)
-  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == x.size(0) && dy.size(1) == weight.size(0) &&
-                  dy.scalar_type() == x.scalar_type(),
-              "dy: expected ", x.scalar_type(), " [", x.size(0), ", ", weight.size(0),
-              "], got ", dy.scalar_type(), " ", dy.sizes());
   const int64_t n = x.size(0), d_in = x.size(1);
-  const int64_t r_t = text_A.size(0), r_i = image_A.size(0), r = r_t + r_i;
-  TORCH_CHECK(z.dim() == 2 && z.size(0) == n && z.size(1) == r, "z: expected [", n, ", ", r,
-              "], got ", z.sizes());
+  const int64_t r_t = text_A.size(0), r_i = image_A.size(0);
+  check_backward_args(dy, x, weight, z, r_t + r_i);
   const auto acc = acc_type(x.scalar_type());
   const at::Tensor b_cat = at::cat({text_B, image_B}, 1);
   const at::Tensor a_all = stack_down(text_A, image_A);
