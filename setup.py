@@ -42,7 +42,7 @@ def _nvidia_wheel_includes() -> list[str]:
     import importlib.util
 
     spec = importlib.util.find_spec("nvidia")
-    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    roots = list(spec.submodule_search_locations or []) if spec else []
     return sorted({str(p) for root in roots for p in Path(root).glob("*/include") if p.is_dir()})
 
 

@@ -1,27 +1,19 @@
 """MossConfig: what to wrap and how (the adapter hyper-parameters), validated and serialisable.
 
-Image-adapter variants (the paper's ablations are configurations of the same machinery):
-
-* ``conv`` (MOSS, default): text tokens get a rank-``r_text`` LoRA, image tokens a rank-
-  ``r_image`` ConvLoRA whose down-projection is a ``kernel_size`` x ``kernel_size`` (causal)
-  convolution over the image's token grid.
-* ``moe``: a linear LoRA per modality (a 1 x 1 kernel).
-* ``shared``: one LoRA (``r_text``, ``alpha_text``) for every token.
-* ``conv_rank`` (SAM-ConvLoRA style): a linear down-projection, then a K x K convolution in
-  rank space. It is run by the same kernels: the composition of the two is itself a K x K
-  full-width kernel, ``image_A[:, :, p, q] = C[:, :, p, q] @ A`` (r^2 K^2 D_in work per step).
+``image_adapter`` names a variant of moss/variants.py; ``target_modules`` None means the
+backbone's own defaults (moss/backbones/); ``image_token_ids`` / ``image_grid`` override what
+the backbone says about its image tokens.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
+
+from .variants import VARIANTS
 
 FORMAT_VERSION = 1
-VARIANTS = ("shared", "moe", "conv", "conv_rank")
-#: Every attention and MLP projection of Llama-family decoders (Chameleon, Emu2's LLaMA).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -34,7 +26,7 @@ class MossConfig:
     causal: bool = True
     dropout: float = 0.0
     image_adapter: str = "conv"
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    target_modules: list[str] | None = None  # None: the backbone's defaults
     image_token_ids: list[int] | None = None  # token-based backbones: which ids are image tokens
     image_grid: tuple[int, int] | None = None  # and their H x W grid (overrides the backbone's)
     backend: str | None = None
@@ -57,11 +49,12 @@ class MossConfig:
         if self.image_adapter not in VARIANTS:
             raise ValueError(f"image_adapter: expected one of {', '.join(VARIANTS)}, got "
                              f"{self.image_adapter!r}")
-        if isinstance(self.target_modules, str) or not self.target_modules or not all(
-                isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules: expected a non-empty list of module names, got "
-                             f"{self.target_modules!r}")
-        self.target_modules = list(self.target_modules)
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str) or not self.target_modules or not all(
+                    isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(f"target_modules: expected a non-empty list of module names "
+                                 f"(or None), got {self.target_modules!r}")
+            self.target_modules = list(self.target_modules)
         if self.image_token_ids is not None:
             ids = list(_iterable("image_token_ids", self.image_token_ids))
             if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
@@ -72,7 +65,8 @@ class MossConfig:
             grid = tuple(_iterable("image_grid", self.image_grid))
             if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1
                                          for g in grid):
-                raise ValueError(f"image_grid: expected (height, width) >= 1, got {self.image_grid!r}")
+                raise ValueError(f"image_grid: expected (height, width) >= 1, got "
+                                 f"{self.image_grid!r}")
             self.image_grid = grid
         if self.backend is not None:
             from moss_kernels.backends import BACKENDS
@@ -82,9 +76,14 @@ class MossConfig:
                                  f"{self.backend!r}")
 
     @property
+    def variant(self):
+        """The image-adapter variant (moss/variants.py) ``image_adapter`` names."""
+        return VARIANTS[self.image_adapter]
+
+    @property
     def window(self) -> int:
         """The kernel size the image adapter convolves with (1 for the linear variants)."""
-        return self.kernel_size if self.image_adapter in ("conv", "conv_rank") else 1
+        return self.variant.window(self)
 
     def to_dict(self) -> dict:
         d = asdict(self)

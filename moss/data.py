@@ -11,8 +11,9 @@ One record a line::
 Text goes through the backbone's tokenizer; an image is its VQ code list (row-major, H*W codes)
 or an image file (``"path"``, relative to the JSONL file) that the backbone's VQ tokenizer
 turns into codes; codes map to the backbone's image token ids, wrapped in begin/end-of-image
-tokens. Labels cover the assistant segments only (the response); ``include_image_loss=False``
-leaves image tokens out of the loss. The layout needs nothing more: image tokens are
+tokens (how a backbone spells these is its :class:`~moss.backbones.Vocabulary`). Labels cover
+the assistant segments only (the response); ``include_image_loss=False`` leaves image tokens
+out of the loss. The layout needs nothing more: image tokens are
 recognised by id (routing from ``input_ids``). Malformed records raise ``ValueError`` naming
 the file, line, record and field.
 """
@@ -26,25 +27,9 @@ from pathlib import Path
 
 import torch
 
+from .backbones import Vocabulary
+
 IGNORE = -100
-
-
-@dataclass
-class Vocabulary:
-    """How a backbone spells things: a text encoder and the image token ids."""
-
-    encode_text: object  # str -> list[int]
-    code_to_token: list[int]  # VQ code -> token id
-    begin_image: int
-    end_image: int
-    grid: tuple[int, int]
-    bos: int | None = None
-    eos: int | None = None
-    pad: int = 0
-    encode_image_file: object = None  # Path -> list[int] VQ codes, when a VQ tokenizer exists
-
-    def image(self, codes: list[int]) -> list[int]:
-        return [self.begin_image] + [self.code_to_token[c] for c in codes] + [self.end_image]
 
 
 @dataclass
@@ -117,7 +102,8 @@ def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: st
     return Example(rid, ids, labels)
 
 
-def load_jsonl(path: str | Path, vocab: Vocabulary, include_image_loss: bool = True) -> list[Example]:
+def load_jsonl(path: str | Path, vocab: Vocabulary,
+               include_image_loss: bool = True) -> list[Example]:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"data: expected a file path (str or os.PathLike), got "
                         f"{type(path).__name__}")

@@ -19,6 +19,7 @@ A small, honest test of MOSS's claim, end to end on our own code, in minutes on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -26,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
-from .backbones import unmask_image_logits
+from . import backbones, tiny
 from .config import MossConfig
-from .data import IGNORE, Example, Vocabulary, collate, encode_record
+from .data import IGNORE, Example, collate, encode_record
 from .model import get_moss_model
 from .train import schedule
+from .variants import VARIANTS
 
 GRID = (8, 8)
 COLOURS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "grey"]
@@ -39,7 +40,7 @@ SHAPES = {
     "A": ["horizontal bar", "vertical bar", "square"],
     "B": ["cross", "diagonal", "frame"],
 }
-VARIANTS = [("shared", 2), ("moe", 2), ("conv", 2), ("conv", 3), ("conv_rank", 2)]
+RUNS = [("shared", 2), ("moe", 2), ("conv", 2), ("conv", 3), ("conv_rank", 2)]  # variant, K
 
 
 def _mask(shape: str, rng: torch.Generator) -> torch.Tensor:
@@ -81,16 +82,15 @@ def make_record(split: str, rng: torch.Generator, i: int) -> dict:
         {"role": "assistant", "type": "text", "text": desc}]}
 
 
-def vocabulary() -> Vocabulary:
+def vocabulary(model) -> backbones.Vocabulary:
+    """The tiny Chameleon's vocabulary with this experiment's 8 x 8 images."""
     tok = tiny.ByteTokenizer()
-    return Vocabulary(tok.encode, [tiny.FIRST_CODE + i for i in range(tiny.CODES)],
-                      tiny.SPECIALS["<racm3:break>"], tiny.SPECIALS["<eoss>"], GRID,
-                      bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
+    text = backbones.TextCodec(tok.encode, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    return dataclasses.replace(backbones.spec_for(model).vocabulary(model, text), grid=GRID)
 
 
-def dataset(split: str, n: int, seed: int) -> list[Example]:
+def dataset(split: str, n: int, seed: int, vocab: backbones.Vocabulary) -> list[Example]:
     rng = torch.Generator().manual_seed(seed)
-    vocab = vocabulary()
     return [encode_record(make_record(split, rng, i), vocab, True, f"{split}-{i}")
             for i in range(n)]
 
@@ -136,17 +136,7 @@ def evaluate(model, examples, image_ids: set[int]) -> dict[str, float]:
 
 def adapter_params(cfg: MossConfig, layers) -> int:
     """Trainable parameters a config adds to the given (d_in, d_out) layers."""
-    total = 0
-    for d_in, d_out in layers:
-        total += cfg.r_text * (d_in + d_out)
-        if cfg.image_adapter == "shared":
-            continue
-        k = cfg.window
-        if cfg.image_adapter == "conv_rank":
-            total += cfg.r_image * (d_in + d_out) + cfg.r_image ** 2 * k * k
-        else:
-            total += cfg.r_image * (k * k * d_in + d_out)
-    return total
+    return sum(cfg.variant.num_params(cfg, d_in, d_out) for d_in, d_out in layers)
 
 
 def matched_config(variant: str, k: int, r_text: int, r_ref: int, layers) -> MossConfig:
@@ -157,7 +147,7 @@ def matched_config(variant: str, k: int, r_text: int, r_ref: int, layers) -> Mos
         return MossConfig(r_text=r_t, r_image=r_i, alpha_text=2.0 * r_t, alpha_image=2.0 * r_i,
                           kernel_size=k, image_adapter=variant, image_grid=GRID)
 
-    if variant == "shared":
+    if not VARIANTS[variant].has_image_adapter:  # one rank to choose: the shared LoRA's
         candidates = [cfg(r, 1) for r in range(1, 4 * (r_text + r_ref))]
     else:
         candidates = [cfg(r_text, r) for r in range(1, 4 * r_ref)]
@@ -167,24 +157,27 @@ def matched_config(variant: str, k: int, r_text: int, r_ref: int, layers) -> Mos
 SIZES = {"quick": (150, 100, 96), "full": (600, 400, 384)}  # pre-train steps, steps, examples
 
 
-def run(quick: bool, seeds: int, out: Path, sizes: tuple[int, int, int] | None = None) -> list[dict]:
+def run(quick: bool, seeds: int, out: Path,
+        sizes: tuple[int, int, int] | None = None) -> list[dict]:
     from tqdm import tqdm
 
     pre_steps, steps, n_train = sizes or SIZES["quick" if quick else "full"]
     base = tiny.build(seed=0)
-    unmask_image_logits(base)
-    image_ids = set(range(tiny.FIRST_CODE, tiny.FIRST_CODE + tiny.CODES))
+    spec = backbones.spec_for(base)
+    spec.unmask_image_logits(base)
+    vocab = vocabulary(base)
+    image_ids = set(vocab.code_to_token)
     torch.manual_seed(0)
-    _fit(base, list(base.parameters()), dataset("A", n_train, seed=1), pre_steps, 3e-3, seed=2)
+    _fit(base, list(base.parameters()), dataset("A", n_train, 1, vocab), pre_steps, 3e-3, seed=2)
     for p in base.parameters():
         p.requires_grad_(False)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    train_b, val_b = dataset("B", n_train, seed=3), dataset("B", 64, seed=4)
+    train_b, val_b = dataset("B", n_train, 3, vocab), dataset("B", 64, 4, vocab)
     frozen = evaluate(base, val_b, image_ids)
     layers = [(m.in_features, m.out_features) for n, m in base.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in MossConfig().target_modules]
+              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in spec.targets]
     rows = [{"variant": "frozen (no adapter)", "seed": 0, "params": 0, **frozen}]
-    jobs = [(v, k, s) for v, k in VARIANTS for s in range(seeds)]
+    jobs = [(v, k, s) for v, k in RUNS for s in range(seeds)]
     for variant, k, seed in tqdm(jobs, desc="variants x seeds", file=sys.stderr, disable=None):
         base.load_state_dict(state)
         cfg = matched_config(variant, k, 4, 4, layers)
@@ -192,8 +185,8 @@ def run(quick: bool, seeds: int, out: Path, sizes: tuple[int, int, int] | None =
         moss = get_moss_model(base, cfg)
         params = [p for p in moss.parameters() if p.requires_grad]
         _fit(moss, params, train_b, steps, 5e-3, seed=5)
-        name = f"{variant} k={k}" if variant in ("conv", "conv_rank") else variant
-        rows.append({"variant": name, "seed": seed, "params": sum(p.numel() for p in params),
+        rows.append({"variant": cfg.variant.label(cfg), "seed": seed,
+                     "params": sum(p.numel() for p in params),
                      "r_text": cfg.r_text, "r_image": cfg.r_image,
                      **evaluate(moss, val_b, image_ids)})
         moss.unload()
@@ -245,8 +238,9 @@ def report(rows: list[dict], out: Path, quick: bool) -> None:
         sds = [s[f"{kind}_sd"] for s in adapters]
         colours = ["#dd8452" if s["variant"].startswith("conv") else "#4c72b0" for s in adapters]
         ax.bar([s["variant"] for s in adapters], means, yerr=sds, capsize=4, color=colours)
-        span = max(m + d for m, d in zip(means, sds)) - min(m - d for m, d in zip(means, sds))
-        ax.set_ylim(min(m - d for m, d in zip(means, sds)) - span, max(m + d for m, d in zip(means, sds)) + span)
+        top = max(m + d for m, d in zip(means, sds))
+        bottom = min(m - d for m, d in zip(means, sds))
+        ax.set_ylim(bottom - (top - bottom), top + (top - bottom))
         ax.set_title(f"{kind} tokens (frozen backbone: {frozen[kind + '_mean']:.2f})", fontsize=10)
         ax.set_ylabel("validation loss on the shifted distribution (nats)")
         ax.tick_params(axis="x", rotation=30)

@@ -25,7 +25,8 @@ def hardware() -> str:
         return torch.cuda.get_device_name()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{model} ({torch.get_num_threads()} threads)"
@@ -52,12 +53,13 @@ def report() -> str:
         lines += [f"  {key:<12}  {value}" for key, value in info.items()]
     lines += ["", "backends:"]
     for name in backends.BACKENDS:
-        reason = backends.unavailable_reason(name)
-        if reason is None:
-            types = getattr(backends.implementation(name), "DEVICE_TYPES", None)
-            lines.append(f"  {name:<10} available ({', '.join(types) if types else 'any device'})")
+        record = backends.backend(name)
+        if record.unavailable is None:
+            where = ", ".join(record.devices) if record.devices else "any device"
+            lines.append(f"  {name:<10} available ({where}"
+                         f"{'; interpreted' if record.interpreted else ''})")
         else:
-            lines.append(f"  {name:<10} unavailable: {reason}")
+            lines.append(f"  {name:<10} unavailable: {record.unavailable}")
     lines += ["", "default backend:"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
@@ -67,3 +69,12 @@ def report() -> str:
             chosen = f"none ({exc})"
         lines.append(f"  {device} tensors -> {chosen}")
     return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    """``moss info`` takes no arguments."""
+
+
+def main(args) -> int:
+    print(report())
+    return 0

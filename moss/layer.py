@@ -1,5 +1,6 @@
 """MossLinear: a frozen ``nn.Linear`` wrapped (never subclassed) with the MOSS adapters.
 
+The text adapter is the layer's own; the image adapter is its variant's (moss/variants.py).
 Every wrapped layer of one model reads the current call's routing from a shared
 :class:`moss.router.Router`: a RoutingPlan (built once per call) for full forwards, or the
 decode step's token kinds and image positions, with this layer's ring of tap products, for
@@ -7,8 +8,6 @@ incremental generation.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -18,70 +17,51 @@ import moss_kernels as mk
 
 from .config import MossConfig
 from .router import Router, ring_size
+from .variants import kaiming_parameter
 
 
 class MossLinear(nn.Module):
     def __init__(self, base: nn.Linear, cfg: MossConfig, router: Router):
         super().__init__()
         self.base = base
-        self.variant = cfg.image_adapter
+        self.variant = cfg.variant
         self.window = cfg.window
         self.dropout = cfg.dropout
         self.backend = cfg.backend
         self._router = router
         d_in, d_out = base.in_features, base.out_features
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.text_A = nn.Parameter(torch.empty(cfg.r_text, d_in, **kw))
+        self.text_A = kaiming_parameter((cfg.r_text, d_in), **kw)
         self.text_B = nn.Parameter(torch.zeros(d_out, cfg.r_text, **kw))
         self.text_scale = cfg.alpha_text / cfg.r_text
-        nn.init.kaiming_uniform_(self.text_A, a=math.sqrt(5))
-        if self.variant != "shared":
-            k = self.window
-            if self.variant == "conv_rank":
-                self.image_down = nn.Parameter(torch.empty(cfg.r_image, d_in, **kw))
-                self.image_conv = nn.Parameter(torch.empty(cfg.r_image, cfg.r_image, k, k, **kw))
-                nn.init.kaiming_uniform_(self.image_down, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(self.image_conv, a=math.sqrt(5))
-            else:
-                self.image_A = nn.Parameter(torch.empty(cfg.r_image, d_in, k, k, **kw))
-                nn.init.kaiming_uniform_(self.image_A, a=math.sqrt(5))
-            self.image_B = nn.Parameter(torch.zeros(d_out, cfg.r_image, **kw))
-            self.image_scale = cfg.alpha_image / cfg.r_image
+        self.variant.create(self, cfg, d_in, d_out, **kw)
 
-    def image_kernel(self) -> torch.Tensor:
-        """``[R_i, D_in, K, K]``; for conv_rank the rank-space conv composed with the linear
-        down-projection, ``A[:, :, p, q] = C[:, :, p, q] @ A_lin``."""
-        if self.variant == "conv_rank":
-            return torch.einsum("ospq,si->oipq", self.image_conv, self.image_down)
-        return self.image_A
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The adapter parameters' attribute names (their checkpoint keys under this layer)."""
+        return ("text_A", "text_B", *self.variant.params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._router.mode == "decode":
             return self._decode(x)
         y = self._full(x)
-        if self._router.fill and self.variant != "shared" and self._router.grid:
+        if self._router.fill and self.variant.has_image_adapter and self._router.grid:
             with torch.no_grad():
                 self._seed_ring(x)
         return y
-
-    def _taps(self, dtype) -> torch.Tensor:
-        """``[K*K*R_i, D_in]``: one block of rows per tap (tap = p*K + q)."""
-        a = self.image_kernel().to(dtype)
-        r, d_in, k, _ = a.shape
-        return a.permute(2, 3, 0, 1).reshape(k * k * r, d_in)
 
     def _seed_ring(self, x: torch.Tensor) -> None:
         """After a prefill, keep the tap products of each row's last L tokens, at the ring
         slots of their positions in the image the prompt ends in (if any)."""
         router = self._router
         h, w = router.grid
-        b, t = x.shape[0], x.shape[1]
+        t = x.shape[1]
         n_slots = ring_size(self.window, w)
         back = torch.arange(n_slots, device=x.device)
         rows = (t - 1 - back).clamp(min=0)
         pos_last = (router.run - 1).clamp(min=0) % (h * w)
         slots = (pos_last[:, None] - back[None]) % n_slots  # distinct within a row
-        taps = x[:, rows] @ self._taps(x.dtype).t()  # [B, L, K*K*R_i]
+        taps = x[:, rows] @ self.variant.taps(self, x.dtype).t()  # [B, L, K*K*R_i]
         ring = torch.zeros_like(taps).scatter_(1, slots[..., None].expand_as(taps), taps)
         router.rings[id(self)] = ring
 
@@ -92,10 +72,10 @@ class MossLinear(nn.Module):
         xs = x[:, -1]  # [B, D_in]
         y = F.linear(xs, self.base.weight.to(x.dtype),
                      None if self.base.bias is None else self.base.bias.to(x.dtype))
-        text = step.is_text | step.is_image if self.variant == "shared" else step.is_text
+        text = step.is_text if self.variant.has_image_adapter else step.is_text | step.is_image
         lora = F.linear(F.linear(xs, self.text_A.to(x.dtype)), self.text_B.to(x.dtype))
         y = y + self.text_scale * lora * text[:, None]
-        if self.variant != "shared" and router.grid:
+        if self.variant.has_image_adapter and router.grid:
             h, w = step.grid
             k, r = self.window, self.image_B.shape[1]
             batch = torch.arange(xs.shape[0], device=x.device)
@@ -104,7 +84,7 @@ class MossLinear(nn.Module):
                 ring = xs.new_zeros(xs.shape[0], ring_size(k, w), k * k * r)
                 router.rings[id(self)] = ring
             n_slots = ring.shape[1]
-            taps = xs @ self._taps(x.dtype).t()  # [B, K*K*R_i]
+            taps = xs @ self.variant.taps(self, x.dtype).t()  # [B, K*K*R_i]
             slot = step.pos % n_slots
             ring[batch, slot] = torch.where(step.is_image[:, None], taps, ring[batch, slot])
             row, col = step.pos // w, step.pos % w
@@ -119,12 +99,13 @@ class MossLinear(nn.Module):
         return y[:, None]
 
     def _full(self, x: torch.Tensor) -> torch.Tensor:
-        shared = self.variant == "shared"
-        plan = self._router.plan(1 if shared else self.window, shared)
+        images = self.variant.has_image_adapter
+        plan = self._router.plan(self.window, images)
         cast = lambda t: t.to(x.dtype)  # noqa: E731 -- adapters may be kept in fp32
         adapters = [cast(self.text_A), cast(self.text_B)]
-        adapters += [None, None] if shared else [cast(self.image_kernel()), cast(self.image_B)]
-        scales = (self.text_scale, 1.0 if shared else self.image_scale)
+        adapters += [cast(self.variant.image_kernel(self)), cast(self.image_B)] if images else [
+            None, None]
+        scales = (self.text_scale, self.image_scale if images else 1.0)
         weight, bias = self.base.weight, self.base.bias
         if self.dropout and self.training:
             # LoRA dropout applies to the adapters' input only: the base GEMM runs on x, the
@@ -137,5 +118,6 @@ class MossLinear(nn.Module):
                               plan, *adapters, *scales, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"{self.base.in_features} -> {self.base.out_features}, variant={self.variant}, "
-                f"r_text={self.text_A.shape[0]}, window={self.window}")
+        return (f"{self.base.in_features} -> {self.base.out_features}, "
+                f"variant={self.variant.name}, r_text={self.text_A.shape[0]}, "
+                f"window={self.window}")

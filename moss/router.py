@@ -2,17 +2,14 @@
 
 Two modes, switched by :class:`moss.model.MossModel` around each call of the backbone:
 
-* ``plan``: a full (prefill or training) forward. Layers ask for a RoutingPlan per window size;
-  it is built on first use, so once per call however many layers there are.
-* ``decode``: one new token per sequence with a KV cache (transformers' ``generate``). Causal
-  ConvLoRA needs only past tokens, so each layer keeps, per sequence, the rank-space tap
-  products ``A_i[tap] x_u`` of the current image's last ``L = (K-1)(W+1) + 1`` image tokens in a
-  ring (slot ``pos % L``; the L positions it holds are consecutive, so they never collide).
-  A decode step then costs K*K rank-R adds on top of a plain LoRA, and prefill + token-by-token
-  decode equals the full-sequence forward (DESIGN section 4). The per-sequence state is the
-  length of the trailing run of image tokens: as in ``RoutingPlan.from_input_ids``, a run is
-  cut into consecutive H x W images, so the new token's position in its image is
-  ``(run - 1) % (H*W)``.
+* ``plan``: a full (prefill or training) forward. Layers ask for a RoutingPlan per window size
+  (and whether image tokens are routed as images, or as text for the ``shared`` variant); it
+  is built on first use, so once per call however many layers there are.
+* ``decode``: one new token per sequence with a KV cache (transformers' ``generate``), served
+  from each layer's ring of past tap products (docs/design.md section 5). The per-sequence
+  state kept here is the length of the trailing run of image tokens (as in
+  ``RoutingPlan.from_input_ids``, a run is cut into consecutive H x W images, so the new
+  token's position in its image is ``(run - 1) % (H*W)``) and the rings, by layer.
 """
 
 from __future__ import annotations
@@ -48,7 +45,7 @@ class Router:
         return self.mode is not None
 
     def begin_plan(self, build, prefill_ids=None, image_ids=None, grid=None, mask=None):
-        """``build(window, shared) -> RoutingPlan``; with ``prefill_ids`` a generation starts:
+        """``build(window, with_images) -> RoutingPlan``; with ``prefill_ids`` a generation starts:
         the decode state is reset from the prompt and the layers seed their rings."""
         self._enter("plan")
         self._build, self._plans = build, {}
@@ -78,17 +75,18 @@ class Router:
 
     def _enter(self, mode):
         if self.mode is not None:
-            raise RuntimeError("MossModel.forward is already running (nested calls are not supported)")
+            raise RuntimeError("MossModel.forward is already running (nested calls are not "
+                               "supported)")
         self.mode = mode
 
-    def plan(self, window: int, shared: bool) -> mk.RoutingPlan:
+    def plan(self, window: int, with_images: bool) -> mk.RoutingPlan:
         if self.mode != "plan":
             raise RuntimeError(
                 "a MOSS layer ran outside MossModel.forward: call the wrapped model (the object "
                 "get_moss_model returned), which routes the batch, not its inner modules")
-        key = (window, shared)
+        key = (window, with_images)
         if key not in self._plans:
-            self._plans[key] = self._build(window, shared)
+            self._plans[key] = self._build(window, with_images)
         return self._plans[key]
 
 

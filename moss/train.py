@@ -1,4 +1,4 @@
-"""``moss train`` and ``moss generate``: adapters only, on a built-in tiny Chameleon by default.
+"""``moss train``: adapters only, on a built-in tiny Chameleon by default.
 
 Distributed: ``torchrun --nproc_per_node N -m moss train ...`` (and torchrun's multi-node
 flags) trains with DDP, the backbone frozen. ``--batch-size`` is the global batch of a
@@ -10,10 +10,9 @@ since they hold full (replicated) tensors, a run resumes on any number of proces
 Training: AdamW over the adapter parameters, linear warm-up then cosine decay, gradient
 accumulation, gradient-norm clipping, bf16 autocast on a GPU, a progress bar with the loss, one
 JSON line per step in ``<out>/train.log``. Checkpoints go to ``<out>/checkpoint-<step>/``
-(adapter files + trainer state: optimizer, schedule, step, RNG), written into a temporary
-folder that is renamed into place, then named in ``<out>/latest`` (written atomically), so a
-crash leaves the previous checkpoint whole; ``--resume`` continues from the latest one and ends
-where an uninterrupted run ends (the data order is a function of the seed and the step).
+(adapter files + trainer state: optimizer, schedule, step, RNG; moss/checkpoint.py writes them
+so that a crash leaves the previous one whole); ``--resume`` continues from the latest one and
+ends where an uninterrupted run ends (the data order is a function of the seed and the step).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,63 +29,14 @@ import torch
 
 from moss_kernels.backends import BACKENDS, resolve
 
-from .cli import input_errors
-from .config import VARIANTS, MossConfig
-from .data import Vocabulary, collate, load_jsonl
-from .model import MossModel, _atomic_write, get_moss_model
+from . import backbones, checkpoint
+from .config import MossConfig
+from .data import collate, load_jsonl
+from .errors import input_errors
+from .model import MossModel, get_moss_model
+from .variants import VARIANTS
 
 SAMPLE = Path(__file__).parent / "samples" / "interleaved.jsonl"
-
-
-def vq_tokenizer(model):
-    """``path -> VQ codes`` through a Chameleon's own VQ-VAE (resized to its resolution)."""
-    resolution = model.config.vq_config.resolution
-
-    def encode(path: Path) -> list[int]:
-        import numpy as np
-        from PIL import Image
-
-        image = Image.open(path).convert("RGB").resize((resolution, resolution))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-        with torch.no_grad():
-            out = model.model.vqmodel.encode(pixels.permute(2, 0, 1)[None])
-        return out.image_tokens.flatten().tolist()
-
-    return encode
-
-
-def backbone(model_path: str | None):
-    """``(hf_model, Vocabulary, decode)`` for the built-in tiny model or a local checkpoint."""
-    if model_path is None:
-        from . import tiny
-
-        tok = tiny.ByteTokenizer()
-        model = tiny.build()
-        vocab = Vocabulary(tok.encode, [tiny.FIRST_CODE + i for i in range(tiny.CODES)],
-                           tiny.SPECIALS["<racm3:break>"], tiny.SPECIALS["<eoss>"], tiny.GRID,
-                           bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id,
-                           encode_image_file=vq_tokenizer(model))
-        return model, vocab, tok.decode
-    path = Path(model_path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model: {path} is not a local checkpoint folder")
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    vmap = getattr(model.config, "vocabulary_map", None)
-    if not vmap:
-        raise ValueError(f"--model: {path} has no image vocabulary (config.vocabulary_map); "
-                         f"moss train reads Chameleon-style checkpoints")
-    mapping = model.model.vocabulary_mapping
-    codes = [mapping.img2bpe[c] for c in sorted(mapping.img2bpe)]
-    vq = model.config.vq_config
-    side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
-    vocab = Vocabulary(lambda s: tok.encode(s, add_special_tokens=False), codes,
-                       vmap["<racm3:break>"], vmap["<eoss>"], (side, side),
-                       bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id or 0,
-                       encode_image_file=vq_tokenizer(model))
-    return model, vocab, tok.decode
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -140,10 +89,13 @@ def _check_replicas(moss, world: int) -> None:
         raise RuntimeError("adapter weights differ between ranks after training")
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local Chameleon checkpoint (default: built-in tiny)")
-    p.add_argument("--data", type=Path, default=SAMPLE, help="JSONL records (default: shipped sample)")
-    p.add_argument("--out", type=Path, default=Path("moss-run"), help="run folder (default: %(default)s)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local Chameleon checkpoint (default: built-in tiny)")
+    p.add_argument("--data", type=Path, default=SAMPLE,
+                   help="JSONL records (default: shipped sample)")
+    p.add_argument("--out", type=Path, default=Path("moss-run"),
+                   help="run folder (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -185,7 +137,7 @@ def train(args: argparse.Namespace) -> Path:
     with input_errors("train"):
         if args.backend is not None:
             resolve(args.backend, "cuda" if gpu else "cpu")
-        model, vocab, _ = backbone(args.model)
+        model, vocab, _ = backbones.load(args.model)
         cfg = MossConfig(r_text=args.rank, r_image=args.rank, alpha_text=args.alpha,
                          alpha_image=args.alpha, kernel_size=args.kernel_size,
                          image_adapter=args.variant, image_grid=vocab.grid, backend=args.backend)
@@ -194,13 +146,12 @@ def train(args: argparse.Namespace) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier(world)
-    latest = out / "latest"
+    latest = checkpoint.latest_checkpoint(out)
     start = 0
-    if args.resume and latest.is_file():
-        ckpt = out / latest.read_text().strip()
+    if args.resume and latest is not None:
         with input_errors("train --resume"):
-            moss = MossModel.from_pretrained(model, ckpt, image_logits=image_loss)
-            state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+            moss = MossModel.from_pretrained(model, latest, image_logits=image_loss)
+            state = checkpoint.load_trainer_state(latest)
         start = state["step"]
     else:
         moss = get_moss_model(model, cfg, image_logits=image_loss)
@@ -225,7 +176,10 @@ def train(args: argparse.Namespace) -> Path:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, args.steps, args.warmup))
     if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         set_optimizer_state_dict(moss, opt, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -257,7 +211,8 @@ def train(args: argparse.Namespace) -> Path:
                 with (nullcontext() if sync else runner.no_sync()), \
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
                     loss = runner(**batch, num_items_in_batch=n_items).loss
-                (loss * world).backward()  # DDP / FSDP average the ranks' gradients; we want the sum
+                # DDP / FSDP average the ranks' gradients; we want the sum.
+                (loss * world).backward()
                 step_loss += loss.detach()
             if world > 1:
                 import torch.distributed as dist
@@ -281,7 +236,7 @@ def train(args: argparse.Namespace) -> Path:
         log.close()
     if world > 1 and not args.fsdp:
         _check_replicas(moss, world)
-    return out / (out / "latest").read_text().strip()
+    return checkpoint.latest_checkpoint(out)
 
 
 def _barrier(world: int) -> None:
@@ -299,77 +254,24 @@ def save_checkpoint(moss, opt, sched, step: int, out: Path, rank: int = 0) -> Pa
     adapter = moss.adapter_state_dict()
     optimizer = get_optimizer_state_dict(moss, opt, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True))
-    target = out / f"checkpoint-{step}"
-    previous = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
-    if rank != 0 or previous == target.name:
-        # (The committed checkpoint of this very step: a resumed run saving at once. Exact
-        # resume makes it identical, and replacing it would leave `latest` naming a folder
-        # that is briefly absent.)
-        return target
-    tmp = out / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    moss.save_pretrained(tmp, adapter)
+    if rank != 0:
+        return out / f"checkpoint-{step}"
     state = {"step": step, "optimizer": optimizer, "scheduler": sched.state_dict(),
              "rng": torch.random.get_rng_state()}
-    _atomic_write(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    _atomic_write(out / "latest", lambda f: Path(f).write_text(target.name))
-    if previous and previous != target.name:
-        shutil.rmtree(out / previous, ignore_errors=True)
-    return target
+    return checkpoint.save_run_checkpoint(out, step, lambda folder: moss.save_pretrained(
+        folder, adapter), state)
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", type=Path, required=True, help="a checkpoint folder of moss train")
-    p.add_argument("--model", default=None, help="the base it was trained on (default: built-in tiny)")
-    p.add_argument("--prompt", default="Draw a red square.")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def generate(args: argparse.Namespace) -> str:
-    """Interleaved output: text, and each generated image as its grid of VQ codes."""
-    if args.max_new_tokens < 1:
-        raise SystemExit("moss generate: --max-new-tokens must be >= 1")
-    torch.manual_seed(args.seed)
-    with input_errors("generate"):
-        model, vocab, decode = backbone(args.model)
-        moss = MossModel.from_pretrained(model, args.adapter, image_logits=True).eval()
-    ids = ([vocab.bos] if vocab.bos is not None else []) + list(vocab.encode_text(args.prompt))
-    prompt = torch.tensor([ids])
-    with torch.no_grad():
-        out = moss.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                            max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                            pad_token_id=vocab.pad, eos_token_id=vocab.eos)
-    return render(out[0, prompt.shape[1]:].tolist(), vocab, decode)
-
-
-def render(tokens: list[int], vocab: Vocabulary, decode) -> str:
-    code_of = {tok: code for code, tok in enumerate(vocab.code_to_token)}
-    parts, text, codes = [], [], None
-    for tok in tokens:
-        if tok == vocab.eos:
-            break
-        if tok == vocab.begin_image:
-            parts.append(decode(text))
-            text, codes = [], []
-        elif tok == vocab.end_image and codes is not None:
-            parts.append(_grid(codes, vocab.grid))
-            codes = None
-        elif codes is not None and tok in code_of:
-            codes.append(code_of[tok])
-        else:
-            text.append(tok)
-    if codes is not None:
-        parts.append(_grid(codes, vocab.grid) + " (unfinished)")
-    parts.append(decode(text))
-    shown = "\n".join(p for p in parts if p)
-    return shown or f"(nothing: the {len(tokens)} generated tokens hold no text or image)"
-
-
-def _grid(codes: list[int], grid: tuple[int, int]) -> str:
-    h, w = grid
-    rows = [" ".join(f"{c:3d}" for c in codes[r * w:(r + 1) * w]) for r in range(h)]
-    return f"[image {h}x{w} VQ codes]\n" + "\n".join(r for r in rows if r)
+def main(args: argparse.Namespace) -> int:
+    final = train(args)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"saved {final}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank has synchronised after the last checkpoint. Leave without running
+        # interpreter teardown: gloo's threads outliving it intermittently abort the process
+        # ("terminate called without an active exception"), and destroy_process_group()
+        # was seen to hang one rank instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0

@@ -24,7 +24,8 @@ def _scan_binary() -> dict[str, str] | None:
     csrc/moss_ops.cpp keeps these as string literals (``torch=2.13.0;``), so a binary that
     cannot be loaded (an undefined symbol after a torch upgrade) still tells what it needs.
     """
-    paths = sorted(Path(__file__).parent.glob("_C*.so")) + sorted(Path(__file__).parent.glob("_C*.pyd"))
+    here = Path(__file__).parent
+    paths = sorted(here.glob("_C*.so")) + sorted(here.glob("_C*.pyd"))
     if not paths:
         return None
     data = paths[0].read_bytes()

@@ -1,27 +1,35 @@
-"""Backend registry and selection.
+"""The backend contract, the registry, and selection (docs/design.md section 4).
 
-Every backend implements the same two functions behind the shared ``moss`` custom ops
-(``forward`` and ``backward`` with the signatures of :mod:`moss_kernels.reference`) and states
-the device types (``DEVICE_TYPES``) and dtypes (``DTYPES``) it runs on; None means any. Selection, in order: the ``backend=`` argument, the
-``MOSS_KERNELS_BACKEND`` environment variable (``auto`` or unset: no preference), then the
-fastest available backend for the tensors' device. A backend that is asked for and cannot run
-raises :class:`BackendUnavailableError` saying why.
+A backend is one :class:`Backend` record: its name, the device types and dtypes it runs,
+why it cannot run here (if so), and its two entry points, which take the layer's inputs as one
+:class:`LinearInputs` (the custom ops' flat schemas stop at moss_kernels/linear.py):
+
+    forward(inputs)                   -> (y [N, D_out] in x's dtype, z [N, R_t + R_i] in the
+                                          accumulation dtype, which the backward reads)
+    backward(inputs, dy, z, needs)    -> Grads(x, weight, bias, text_A, ..., image_B); a
+                                          gradient ``needs`` does not ask for is an empty tensor
+
+Each backend module builds its own record; :data:`_LOADERS` below says how to reach it and, when
+that fails (not built, no GPU, an import error), returns a record that says why. Selection, in
+order: the ``backend=`` argument, the ``MOSS_KERNELS_BACKEND`` environment variable (``auto`` or
+unset: no preference), then the available backend with the highest ``preference`` that runs on
+the tensors' device and dtype (interpreted backends never: their timings mean nothing). A
+backend that is asked for and cannot run raises :class:`BackendUnavailableError` saying why.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from . import _ext
 
-#: Every backend name, in the contract's order.
-BACKENDS = ("reference", "cpu", "cuda", "triton")
-#: Preference per device type when nothing is asked for (fastest first).
-DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 ENV_VAR = "MOSS_KERNELS_BACKEND"
 
 
@@ -29,100 +37,130 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
 
 
-def _probe_reference() -> Any:
-    return importlib.import_module("moss_kernels.reference")
+@dataclass(frozen=True)
+class LinearInputs:
+    """One MOSS linear layer's inputs, as every backend's forward and backward read them."""
+
+    x: Tensor  # [N, D_in]
+    weight: Tensor  # [D_out, D_in]
+    bias: Tensor | None  # [D_out]; None in the backward (db = sum dy needs no bias)
+    text_A: Tensor  # [R_t, D_in]
+    text_B: Tensor  # [D_out, R_t]
+    image_A: Tensor  # [R_i, D_in, K, K], nn.Conv2d's weight layout
+    image_B: Tensor  # [D_out, R_i]
+    route: Tensor  # [N] int8: -1 padding, 0 text, 1 image
+    nbr: Tensor | None  # [N, K*K] int32, read by the forward (None in the backward)
+    nbr_t: Tensor | None  # [N, K*K] int32, read by the backward
+    text_scale: float
+    image_scale: float
 
 
-def _probe_compiled(device_type: str):
+class Needs(NamedTuple):
+    """Which of the frozen layer's gradients the backward computes (adapters' always)."""
+
+    x: bool
+    weight: bool
+    bias: bool
+
+
+class Grads(NamedTuple):
+    x: Tensor
+    weight: Tensor
+    bias: Tensor
+    text_A: Tensor
+    text_B: Tensor
+    image_A: Tensor
+    image_B: Tensor
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable[[LinearInputs], tuple[Tensor, Tensor]] | None = None
+    backward: Callable[[LinearInputs, Tensor, Tensor, Needs], Grads] | None = None
+    devices: tuple[str, ...] | None = None  # device types; None: any device torch supports
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: any floating dtype
+    preference: int = 0  # what `auto` picks among those that run: the highest
+    interpreted: bool = False  # runs in an interpreter: correct, but timings mean nothing
+    unavailable: str | None = None  # why it cannot run here; None: it can
+
+    def runs_on(self, device_type: str) -> bool:
+        return self.devices is None or device_type in self.devices
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return self.dtypes is None or dtype in self.dtypes
+
+
+def _reference() -> Backend:
+    return importlib.import_module("moss_kernels.reference").BACKEND
+
+
+def _compiled(device_type: str) -> Backend:
     if not _ext.loaded():
-        raise BackendUnavailableError(f"the extension moss_kernels._C is not usable: "
-                                      f"{_ext.load_error()}")
-    from . import compiled
-
-    if device_type == "cpu":
-        return compiled.CPU
-    if _ext.build_info().get("cuda", "no") == "no":
-        raise BackendUnavailableError(
-            "moss_kernels._C was built without CUDA (torch without CUDA, or no CUDA toolkit "
-            "found at build time)")
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("moss_kernels._C has CUDA kernels but no CUDA GPU is visible")
-    return compiled.CUDA
+        return Backend(device_type, unavailable=f"the extension moss_kernels._C is not usable: "
+                                                f"{_ext.load_error()}")
+    if device_type == "cuda":
+        if _ext.build_info().get("cuda", "no") == "no":
+            return Backend("cuda", unavailable="moss_kernels._C was built without CUDA (torch "
+                                               "without CUDA, or no CUDA toolkit found at build "
+                                               "time)")
+        if not torch.cuda.is_available():
+            return Backend("cuda", unavailable="moss_kernels._C has CUDA kernels but no CUDA GPU "
+                                               "is visible")
+    return getattr(importlib.import_module("moss_kernels.compiled"), device_type.upper())
 
 
-def _probe_triton() -> Any:
+def _triton() -> Backend:
     try:
         import triton
     except ImportError as exc:
-        raise BackendUnavailableError(f"triton is not installed ({exc})") from None
+        return Backend("triton", unavailable=f"triton is not installed ({exc})")
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        raise BackendUnavailableError(
+        return Backend("triton", unavailable=(
             f"triton {triton.__version__} is installed but no CUDA GPU is visible (with "
             f"TRITON_INTERPRET=1 set before import, the kernels run slowly in Triton's CPU "
-            f"interpreter)"
-        )
+            f"interpreter)"))
     try:
-        return importlib.import_module("moss_kernels.triton")
+        return importlib.import_module("moss_kernels.triton").BACKEND
     except Exception as exc:  # noqa: BLE001 -- reported as the reason, with its type
-        raise BackendUnavailableError(
-            f"importing the Triton kernels failed: {type(exc).__name__}: {exc}") from None
+        return Backend("triton", unavailable=f"importing the Triton kernels failed: "
+                                             f"{type(exc).__name__}: {exc}")
 
 
-_PROBES = {
-    "reference": _probe_reference,
-    "cpu": lambda: _probe_compiled("cpu"),
-    "cuda": lambda: _probe_compiled("cuda"),
-    "triton": _probe_triton,
+#: How to reach each backend's record, in the contract's order (the order users see).
+_LOADERS: dict[str, Callable[[], Backend]] = {
+    "reference": _reference,
+    "cpu": lambda: _compiled("cpu"),
+    "cuda": lambda: _compiled("cuda"),
+    "triton": _triton,
 }
-_cache: dict[str, Any | BackendUnavailableError] = {}
+#: Every backend name.
+BACKENDS = tuple(_LOADERS)
+_cache: dict[str, Backend] = {}
 
 
-def _probe(name: str) -> Any | BackendUnavailableError:
+def backend(name: str) -> Backend:
+    """The record of backend ``name``, available or not (``unavailable`` says why not)."""
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} (or None), got {name!r}")
     if name not in _cache:
-        try:
-            _cache[name] = _PROBES[name]()
-        except BackendUnavailableError as exc:
-            _cache[name] = exc
+        _cache[name] = _LOADERS[name]()
     return _cache[name]
 
 
-def _check_name(name: str) -> None:
-    if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} (or None), got {name!r}")
-
-
-def implementation(name: str) -> Any:
-    """The module implementing backend ``name``; raises why it is unavailable."""
-    _check_name(name)
-    found = _probe(name)
-    if isinstance(found, BackendUnavailableError):
-        raise BackendUnavailableError(f"backend {name!r} is not available: {found}")
+def implementation(name: str) -> Backend:
+    """The record of backend ``name``; raises why it is unavailable."""
+    found = backend(name)
+    if found.unavailable is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {found.unavailable}")
     return found
-
-
-def unavailable_reason(name: str) -> str | None:
-    """None if backend ``name`` can run (on some device), else why not."""
-    _check_name(name)
-    found = _probe(name)
-    return str(found) if isinstance(found, BackendUnavailableError) else None
-
-
-def runs_on(name: str, device_type: str) -> bool:
-    types = getattr(implementation(name), "DEVICE_TYPES", None)
-    return types is None or device_type in types
-
-
-def supports(name: str, dtype: torch.dtype) -> bool:
-    dtypes = getattr(implementation(name), "DTYPES", None)
-    return dtypes is None or dtype in dtypes
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Names of the backends that can run here (on ``device``'s type, when given)."""
-    names = [n for n in BACKENDS if unavailable_reason(n) is None]
-    if device is not None:
-        names = [n for n in names if runs_on(n, torch.device(device).type)]
-    return names
+    found = [backend(n) for n in BACKENDS]
+    return [b.name for b in found if b.unavailable is None
+            and (device is None or b.runs_on(torch.device(device).type))]
 
 
 @torch.compiler.assume_constant_result
@@ -136,25 +174,21 @@ def resolve(name: str | None, device_type: str, dtype: torch.dtype = torch.float
         name = os.environ.get(ENV_VAR, "auto").strip() or "auto"
         source = f"{ENV_VAR}={name!r}"
         if name == "auto":
-            for candidate in DEFAULT_ORDER.get(device_type, ("reference",)):
-                if (unavailable_reason(candidate) is None and runs_on(candidate, device_type)
-                        and supports(candidate, dtype)):
-                    return candidate
-            raise BackendUnavailableError(f"no backend runs on {device_type!r} {dtype} tensors")
+            runs = [b for b in map(backend, BACKENDS) if b.unavailable is None and not b.interpreted
+                    and b.runs_on(device_type) and b.supports(dtype)]
+            if not runs:
+                raise BackendUnavailableError(f"no backend runs on {device_type!r} {dtype} tensors")
+            return max(runs, key=lambda b: b.preference).name
     else:
         source = f"backend={name!r}"
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}")
-    implementation(name)
-    if not runs_on(name, device_type):
-        raise BackendUnavailableError(
-            f"backend {name!r} does not run on {device_type!r} tensors (it runs on "
-            f"{', '.join(implementation(name).DEVICE_TYPES)})"
-        )
-    if not supports(name, dtype):
+    chosen = implementation(name)
+    if not chosen.runs_on(device_type):
+        raise BackendUnavailableError(f"backend {name!r} does not run on {device_type!r} tensors "
+                                      f"(it runs on {', '.join(chosen.devices)})")
+    if not chosen.supports(dtype):
         raise TypeError(
             f"backend {name!r} does not support {dtype} (it supports "
-            f"{', '.join(map(str, implementation(name).DTYPES))}; backend='reference' runs any "
-            f"floating dtype)"
-        )
+            f"{', '.join(map(str, chosen.dtypes))}; backend='reference' runs any floating dtype)")
     return name

@@ -1,7 +1,7 @@
 """moss_linear: a frozen linear layer plus modality-routed LoRA (text) and ConvLoRA (image).
 
-The math (forward and backward) is written out in :mod:`moss_kernels.reference`, which is also
-the specification every backend is tested against. This file holds what all backends share:
+The math is docs/design.md section 1; :mod:`moss_kernels.reference` is its executable
+specification. This file holds what all backends share:
 
 * two ``torch.library`` custom ops in the ``moss`` namespace,
 
@@ -13,7 +13,9 @@ the specification every backend is tested against. This file holds what all back
 
   with fake implementations (shapes only) and registered autograd, so ``torch.compile(
   fullgraph=True)`` traces through them without graph breaks and ``torch.library.opcheck``
-  passes. ``backend`` is a plain string argument: the op body hands the call to that backend.
+  passes. ``backend`` is a plain string argument: the op body hands the call to that backend
+  as one :class:`~moss_kernels.backends.LinearInputs` (the schemas stay flat, as torch.library
+  needs them; below them the arguments travel by name).
   ``z`` (the routed rank-space activations, in the accumulation dtype) is the only
   intermediate the backward keeps: it costs N * (R_t + R_i) values, not N * D.
   ``nbr_t`` is an input of the forward op only so that the autograd context can keep it.
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends import LinearInputs, Needs
 from .reference import accumulation_dtype
 from .routing import RoutingPlan
 
@@ -42,9 +45,9 @@ def linear_fwd(
     image_A: Tensor, image_B: Tensor, route: Tensor, nbr: Tensor, nbr_t: Tensor,
     text_scale: float, image_scale: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    impl = backends.implementation(backend)
-    return impl.forward(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr,
-                        text_scale, image_scale)
+    return backends.implementation(backend).forward(LinearInputs(
+        x, weight, bias, text_A, text_B, image_A, image_B, route, nbr, nbr_t, text_scale,
+        image_scale))
 
 
 @linear_fwd.register_fake
@@ -62,9 +65,11 @@ def linear_bwd(
     image_B: Tensor, z: Tensor, route: Tensor, nbr_t: Tensor, text_scale: float,
     image_scale: float, need_dx: bool, need_dweight: bool, need_dbias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.implementation(backend)
-    return impl.backward(dy, x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
-                         text_scale, image_scale, need_dx, need_dweight, need_dbias)
+    inputs = LinearInputs(x, weight, None, text_A, text_B, image_A, image_B, route, None, nbr_t,
+                          text_scale, image_scale)
+    grads = backends.implementation(backend).backward(
+        inputs, dy, z, Needs(need_dx, need_dweight, need_dbias))
+    return tuple(grads)
 
 
 @linear_bwd.register_fake
@@ -191,7 +196,7 @@ def _adapter(kind, a, b, x, d_in, d_out, window):
     r = a.shape[0]
     if tuple(a.shape[1:]) != (d_in, *window):
         what = "[R, D_in, K, K] with K = plan.kernel_size" if window else "[R, D_in]"
-        raise ValueError(f"{a_name}: expected {what} = [{r}, {d_in}{''.join(f', {w}' for w in window)}]"
-                         f", got {tuple(a.shape)}")
+        want = ", ".join(str(v) for v in (r, d_in, *window))
+        raise ValueError(f"{a_name}: expected {what} = [{want}], got {tuple(a.shape)}")
     _check_tensor(b_name, b, dtype=x.dtype, device=x.device, shape=(d_out, r))
     return a, b

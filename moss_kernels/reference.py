@@ -1,29 +1,16 @@
-"""Reference backend: the MOSS linear forward and backward in plain PyTorch (the specification).
+"""Reference backend: the MOSS linear forward and backward in plain PyTorch, the specification
+every other backend is tested against (docs/design.md sections 1 and 3).
 
-For frozen ``W [D_out, D_in]``, ``b [D_out]`` and tokens ``x [N, D_in]`` routed by a RoutingPlan:
+It follows the rank-space decomposition step for step, every D-wide operation a dense GEMM:
 
-    y_t = W x_t + b                                                   route -1 (padding)
-    y_t = W x_t + b + s_t B_t A_t x_t                                 route  0 (text)
-    y_t = W x_t + b + s_i B_i sum_tap A_i[tap] x_(nbr[t, tap])        route  1 (image)
+    P = x A_all^T;  z_t = P_text on text rows;  z_i = sum_tap P_tap[nbr[:, tap]]
+    y = x W^T + b + z Bcat^T                                          Bcat = [s_t B_t | s_i B_i]
+    dB = dy^T z (scaled);  dz = dy Bcat;  dP = dz_t on text rows | dz_i[nbr_t[:, tap]]
+    dA_all = dP^T x;  dx = dy W + dP A_all;  dW = dy^T x;  db = sum dy
 
-computed as DESIGN section 3 lays out, every D-wide operation a dense GEMM and the routing and
-convolution done in rank space:
-
-    A_all = [A_t ; A_i[:,:,0,0] ; A_i[:,:,0,1] ; ...]                 [R_t + K*K*R_i, D_in]
-    P     = x A_all^T                                                 [N, R_t + K*K*R_i]
-    z_t   = P[:, :R_t] where route == 0, else 0                       [N, R_t]
-    z_i   = sum_tap P_tap[nbr[:, tap]]        (row -1 reads zero)     [N, R_i]
-    y     = x W^T + b + [z_t | z_i] [s_t B_t | s_i B_i]^T             [N, D_out]
-
-Backward, with ``Bcat = [s_t B_t | s_i B_i]``:
-
-    dB_t = s_t dy^T z_t,  dB_i = s_i dy^T z_i
-    dz   = dy Bcat;  dP_t = dz_t where route == 0;  dP_tap = dz_i[nbr_t[:, tap]]
-    dA_all = dP^T x;  dx = dy W + dP A_all;  dW = dy^T x;  db = sum_t dy
-
-(``dz_i`` needs no route mask: ``nbr_t`` only points at image tokens.) Half-precision inputs
-are computed in float32 and rounded once at the end; ``z`` is returned in that accumulation
-dtype because the backward reads it for ``dB``.
+What it does differently: it runs on any device and in any floating dtype, float64 included;
+half-precision inputs are computed in float32 and rounded once at the end, and ``z`` is
+returned in that accumulation dtype because the backward reads it for ``dB``.
 """
 
 from __future__ import annotations
@@ -31,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-DEVICE_TYPES = None  # any device torch supports
+from .backends import Backend, Grads, LinearInputs, Needs
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,51 +49,53 @@ def _rows(table: Tensor) -> Tensor:
     return torch.where(table < 0, table.shape[0], table.long())
 
 
-def forward(
-    x: Tensor, weight: Tensor, bias: Tensor | None, text_A: Tensor, text_B: Tensor,
-    image_A: Tensor, image_B: Tensor, route: Tensor, nbr: Tensor,
-    text_scale: float, image_scale: float,
-) -> tuple[Tensor, Tensor]:
+def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
     """``(y [N, D_out] in x.dtype, z [N, R_t + R_i] in the accumulation dtype)``."""
+    x, text_A, image_A = a.x, a.text_A, a.image_A
     acc = accumulation_dtype(x.dtype)
     n, r_t, (r_i, _, k, _) = x.shape[0], text_A.shape[0], image_A.shape
     kk = k * k
     xa = x.to(acc)
     p = xa @ stack_down(text_A, image_A).to(acc).t()  # [N, R_t + KK*R_i]
     # where, not a 0/1 multiply: a NaN in text_A must not reach other tokens (0 * NaN = NaN).
-    z_t = torch.where((route == 0).unsqueeze(1), p[:, :r_t], 0)
+    z_t = torch.where((a.route == 0).unsqueeze(1), p[:, :r_t], 0)
     taps = p[:, r_t:].reshape(n, kk, r_i)
     # Tap j of token t reads row nbr[t, j] of tap j's column block.
-    z_i = _with_zero_row(taps)[_rows(nbr), torch.arange(kk, device=x.device)].sum(1)
+    z_i = _with_zero_row(taps)[_rows(a.nbr), torch.arange(kk, device=x.device)].sum(1)
     z = torch.cat([z_t, z_i], dim=1)
-    b_cat = torch.cat([text_B.to(acc) * text_scale, image_B.to(acc) * image_scale], dim=1)
-    y = torch.nn.functional.linear(xa, weight.to(acc), None if bias is None else bias.to(acc))
+    b_cat = _b_cat(a, acc)
+    y = torch.nn.functional.linear(xa, a.weight.to(acc), None if a.bias is None else a.bias.to(acc))
     # In place into the fresh y: the GEMM accumulates (beta = 1) instead of a second pass.
     y.addmm_(z, b_cat.t())
     return y.to(x.dtype), z
 
 
-def backward(
-    dy: Tensor, x: Tensor, weight: Tensor, text_A: Tensor, text_B: Tensor,
-    image_A: Tensor, image_B: Tensor, z: Tensor, route: Tensor, nbr_t: Tensor,
-    text_scale: float, image_scale: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dW, db, dA_t, dB_t, dA_i, dB_i)``; a gradient not asked for is an empty tensor."""
+def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
+    """Every gradient; one that ``needs`` does not ask for is an empty tensor."""
+    x, weight, text_A, text_B, image_A, image_B = (a.x, a.weight, a.text_A, a.text_B, a.image_A,
+                                                   a.image_B)
     acc = accumulation_dtype(x.dtype)
     r_t = text_A.shape[0]
     dya, xa, za = dy.to(acc), x.to(acc), z.to(acc)
     z_t, z_i = za[:, :r_t], za[:, r_t:]
-    d_text_B = (dya.t() @ z_t * text_scale).to(text_B.dtype)
-    d_image_B = (dya.t() @ z_i * image_scale).to(image_B.dtype)
-    b_cat = torch.cat([text_B.to(acc) * text_scale, image_B.to(acc) * image_scale], dim=1)
-    dz = dya @ b_cat  # [N, R_t + R_i]
-    dp_t = torch.where((route == 0).unsqueeze(1), dz[:, :r_t], 0)
-    dp_taps = _with_zero_row(dz[:, r_t:])[_rows(nbr_t)]  # [N, KK, R_i]: dz_i[nbr_t[s, tap]]
+    d_text_B = (dya.t() @ z_t * a.text_scale).to(text_B.dtype)
+    d_image_B = (dya.t() @ z_i * a.image_scale).to(image_B.dtype)
+    dz = dya @ _b_cat(a, acc)  # [N, R_t + R_i]
+    dp_t = torch.where((a.route == 0).unsqueeze(1), dz[:, :r_t], 0)
+    dp_taps = _with_zero_row(dz[:, r_t:])[_rows(a.nbr_t)]  # [N, KK, R_i]: dz_i[nbr_t[s, tap]]
     dp = torch.cat([dp_t, dp_taps.flatten(1)], dim=1)
     a_all = stack_down(text_A, image_A).to(acc)
     d_text_A, d_image_A = split_down(dp.t() @ xa, r_t, image_A.shape)
-    dx = (dya @ weight.to(acc)).addmm_(dp, a_all).to(x.dtype) if need_dx else x.new_empty(0)
-    dw = (dya.t() @ xa).to(weight.dtype) if need_dweight else x.new_empty(0)
-    db = dya.sum(0).to(weight.dtype) if need_dbias else x.new_empty(0)
-    return (dx, dw, db, d_text_A.to(text_A.dtype), d_text_B,
-            d_image_A.to(image_A.dtype), d_image_B)
+    dx = (dya @ weight.to(acc)).addmm_(dp, a_all).to(x.dtype) if needs.x else x.new_empty(0)
+    dw = (dya.t() @ xa).to(weight.dtype) if needs.weight else x.new_empty(0)
+    db = dya.sum(0).to(weight.dtype) if needs.bias else x.new_empty(0)
+    return Grads(dx, dw, db, d_text_A.to(text_A.dtype), d_text_B, d_image_A.to(image_A.dtype),
+                 d_image_B)
+
+
+def _b_cat(a: LinearInputs, acc: torch.dtype) -> Tensor:
+    """``[s_t B_t | s_i B_i]`` in ``acc``: ``[D_out, R_t + R_i]``."""
+    return torch.cat([a.text_B.to(acc) * a.text_scale, a.image_B.to(acc) * a.image_scale], dim=1)
+
+
+BACKEND = Backend("reference", forward, backward)

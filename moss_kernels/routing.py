@@ -1,28 +1,14 @@
-"""RoutingPlan: the per-token modality route and the k x k window gather tables.
+"""RoutingPlan: the per-token modality route and the K x K window gather tables.
 
-A plan is built once per forward from the batch layout and shared by every adapted layer, so
-that no kernel ever looks at masks, spans or grid geometry again: kernels only read
+What the tables mean, and why they are shaped so, is docs/design.md section 2:
 
-    route  [N] int8         -1 padding (base layer only), 0 text (linear LoRA), 1 image (ConvLoRA)
+    route  [N] int8         -1 padding, 0 text, 1 image
     nbr    [N, K*K] int32   source token of each conv tap of token t, -1 if none
-    nbr_t  [N, K*K] int32   its transpose: the token t with nbr[t, tap] == s, -1 if none
+    nbr_t  [N, K*K] int32   its transpose (the backward gathers through it)
 
-Tap ``tap = p*K + q`` multiplies ``image_A[:, :, p, q]`` (``nn.Conv2d`` weight layout), and reads
-the token at grid position ``(row + p - o, col + q - o)`` of the same image, with ``o = K-1`` when
-causal (zero padding K-1 on the top and left: a token sees itself and tokens above / to its
-left) and ``o = (K-1)//2`` otherwise (``F.conv2d(padding="same")``). A neighbour outside the grid,
-or not present because the image is partial, contributes zero. For a fixed tap the map
-``t -> nbr[t, tap]`` is a shift inside one image, hence injective, so ``nbr_t`` is well defined and
-the backward can gather instead of scatter-add (deterministic, no atomics).
-
-Images. ``images [n_img, 3] int64`` rows ``(start, height, width)``; ``start`` is the flat token
-index (``b*T + t`` for a batched ``[B, T]`` layout). An image's tokens are the
-``min(height*width, run)`` tokens from ``start``, ``run`` being the number of consecutive image
-tokens there, stopped at the sequence end. So images may sit back to back and the last one of a
-run may be partial (still being generated, or truncated).
-
-Everything is built with vectorised tensor operations on the input's device: no Python loop over
-tokens or images, no host synchronisation except in validation (``validate=False`` skips it).
+This file builds them from a layout with vectorised tensor operations on the input's device: no
+Python loop over tokens or images, no host synchronisation except in validation
+(``validate=False`` skips it), and no data-dependent mask in the transpose.
 """
 
 from __future__ import annotations
@@ -231,7 +217,8 @@ class RoutingPlan:
             if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != shape:
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(
                     attention_mask).__name__
-                raise ValueError(f"attention_mask: expected shape {shape} like input_ids, got {got}")
+                raise ValueError(f"attention_mask: expected shape {shape} like input_ids, "
+                                 f"got {got}")
             mask = attention_mask.reshape(-1).to(device)
             if validate and not bool(((mask == 0) | (mask == 1)).all()):
                 bad = int(((mask != 0) & (mask != 1)).nonzero()[0])

@@ -2,7 +2,7 @@
 
 Without a GPU that is the ``cpu`` backend (C++), and ``triton`` in Triton's interpreter; with
 one, ``triton`` and ``cuda`` compiled. Each is checked in the dtypes it supports that can be
-checked here (the interpreter's bf16 dot is wrong, DESIGN section 7: bf16 Triton runs on GPUs).
+checked here (helpers.checkable); float64 gets gradcheck.
 """
 
 import pytest
@@ -10,25 +10,28 @@ import torch
 
 import moss_kernels as mk
 from moss_kernels import backends, reference
-from conftest import (TOLERANCE, Layout, make_params, random_layout, rel_err, special_layouts,
-                      within_tolerance)
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
+from helpers import (
+    ADAPTERS,
+    BACKENDS,
+    DEVICE,
+    FUSED,
+    GPU,
+    NATIVE,
+    PARAMS,
+    TOLERANCE,
+    Layout,
+    checkable,
+    make_params,
+    random_layout,
+    rel_err,
+    special_layouts,
+    within_tolerance,
+)
+
 LAYOUTS = [random_layout(seed, p_image=0.6) for seed in range(10)] + special_layouts()
-FUSED = [b for b in mk.available_backends(DEVICE) if b != "reference"]
-
-
-def _checkable(backend: str, dtype: torch.dtype) -> bool:
-    if not backends.supports(backend, dtype) or dtype == torch.float64:
-        return False  # float64 gets gradcheck below
-    interpreted = getattr(backends.implementation(backend), "INTERPRETED", False)
-    return not (interpreted and dtype == torch.bfloat16)
-
-
-CASES = [(b, d) for b in FUSED for d in (torch.float32, torch.float16, torch.bfloat16)
-         if _checkable(b, d)]
+HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+CASES = [(b, d) for b in FUSED for d in HALF_AND_SINGLE if checkable(b, d)]
 
 
 def _run(layout, k, causal, params, dtype, backend, device=DEVICE, scales=(1.5, 0.5),
@@ -39,7 +42,7 @@ def _run(layout, k, causal, params, dtype, backend, device=DEVICE, scales=(1.5, 
     leaves = {n: v.detach().to(device, dtype).requires_grad_()
               for n, v in params.items() if v is not None}
     y = mk.moss_linear(leaves["x"], leaves["weight"], leaves.get("bias"), plan,
-                       *(leaves[n] for n in NAMES[3:]), *scales, backend=backend)
+                       *(leaves[n] for n in ADAPTERS), *scales, backend=backend)
     y.backward(torch.linspace(*grad, y.numel(), dtype=torch.float64).to(device, dtype).view_as(y))
     return {"y": y.detach(), **{n: v.grad for n, v in leaves.items()}}
 
@@ -81,12 +84,14 @@ def test_long_layout_crosses_row_blocks(backend, gen):
     _check(layout, 2, True, make_params(gen, layout.n, 16, 12, 3, 4, 2), torch.float32, backend)
 
 
-@pytest.mark.parametrize("backend", [b for b in FUSED if backends.supports(b, torch.float64)])
+@pytest.mark.parametrize("backend", [b for b in FUSED
+                                     if backends.backend(b).supports(torch.float64)])
 def test_gradcheck_float64(backend, gen):
     layout = special_layouts()[3]
-    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=2).to(DEVICE)
+    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(),
+                                     kernel_size=2).to(DEVICE)
     p = make_params(gen, layout.n, 5, 4, 2, 3, 2)
-    inputs = tuple(p[n].to(DEVICE).requires_grad_() for n in NAMES)
+    inputs = tuple(p[n].to(DEVICE).requires_grad_() for n in PARAMS)
     assert torch.autograd.gradcheck(
         lambda *a: mk.moss_linear(a[0], a[1], a[2], plan, *a[3:], 0.5, 2.0, backend=backend),
         inputs)
@@ -106,8 +111,8 @@ def test_without_bias_and_with_frozen_x(backend, gen):
     assert a.grad is not None and p["x"].grad is None
 
 
-@pytest.mark.parametrize("backend,dtype", [(b, d) for b in mk.available_backends(DEVICE) for d in (
-    torch.float32, torch.float16, torch.bfloat16) if _checkable(b, d)])
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in HALF_AND_SINGLE
+                                           if checkable(b, d)])
 def test_deterministic(backend, dtype, gen):
     """Two runs give bitwise-equal outputs and gradients (no atomics, no racy reductions)."""
     layout = random_layout(6, p_image=0.8)
@@ -128,8 +133,7 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 @pytest.mark.parametrize("backend,dtype", [
-    (b, d) for b in mk.available_backends(DEVICE) for d in (torch.float16, torch.bfloat16)
-    if _checkable(b, d)])
+    (b, d) for b in BACKENDS for d in (torch.float16, torch.bfloat16) if checkable(b, d)])
 @pytest.mark.parametrize("case", sorted(RANGE_CASES))
 def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, gen):
     """Sums that fit in fp32 never overflow: outputs and gradients match float64 (the
@@ -147,7 +151,8 @@ def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, ge
     # The premise, in float64: the intermediate passes fp16's range and every output fits.
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(),
                                      cu_seqlens=layout.cu_seqlens)
-    _, z = reference.forward(*(params[n] for n in NAMES), plan.route, plan.nbr, 1.5, 0.5)
+    _, z = reference.forward(backends.LinearInputs(*(params[n] for n in PARAMS), plan.route,
+                                                   plan.nbr, plan.nbr_t, 1.5, 0.5))
     dy = torch.linspace(*grad, want["y"].numel(), dtype=torch.float64).view_as(want["y"])
     dz = dy @ torch.cat([params["text_B"] * 1.5, params["image_B"] * 0.5], dim=1)
     assert (z if case == "taps" else dz).abs().max() > 2 * FP16_MAX
@@ -159,10 +164,8 @@ def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, ge
     if backend != "reference":
         got = _run(layout, 2, True, params, dtype, backend, grad=grad)
         for name, value in got.items():
-            assert value.dtype == dtype and within_tolerance(value, ref[name], want[name], dtype), name
-
-
-NATIVE = [b for b in FUSED if not getattr(backends.implementation(b), "INTERPRETED", False)]
+            assert value.dtype == dtype, name
+            assert within_tolerance(value, ref[name], want[name], dtype), name
 
 
 @pytest.mark.parametrize("backend", NATIVE)

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from moss.cli import main
-from moss_kernels import available_backends as backends_available
 from moss_kernels import backends
+
+from helpers import CPU_BACKENDS
 
 
 def test_info_reports_versions_extension_and_every_backend(capsys):
@@ -19,7 +20,7 @@ def test_info_reports_versions_extension_and_every_backend(capsys):
                    "extension moss_kernels._C", "default backend:", "cpu tensors -> "):
         assert needle in out
     for name in backends.BACKENDS:
-        reason = backends.unavailable_reason(name)
+        reason = backends.backend(name).unavailable
         assert (f"{name:<10} available" if reason is None else f"unavailable: {reason}") in out
 
 
@@ -32,7 +33,7 @@ def test_bench_checks_then_times_every_provider_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "WRONG" not in out
     for provider in ["F.linear", "eager", "peft"] + [f"moss:{n}" for n in ("reference", "cpu")
-                                                      if n in backends_available()]:
+                                                      if n in CPU_BACKENDS]:
         assert provider in out
     rows = list(csv.DictReader((tmp_path / "moss_bench_cpu.csv").open()))
     assert {r["mode"] for r in rows} == {"forward", "backward", "forward+backward"}
@@ -41,7 +42,8 @@ def test_bench_checks_then_times_every_provider_and_reports(tmp_path, capsys):
     assert all(float(r["ratio_to_floor"]) == 1.0 for r in rows if r["provider"] == "F.linear")
     assert all(float(r["x_eager"]) > 0 for r in rows if r["provider"].startswith("moss:"))
     assert (tmp_path / "cpu_ratio_vs_rank.png").stat().st_size > 10_000
-    assert main(SMALL + ["--sweep", "--no-compile", "--modes", "forward", "--out", str(tmp_path)]) == 0
+    assert main(SMALL + ["--sweep", "--no-compile", "--modes", "forward",
+                         "--out", str(tmp_path)]) == 0
     assert len(list(csv.DictReader((tmp_path / "moss_bench_cpu.csv").open()))) > len(rows)
 
 

@@ -5,8 +5,17 @@ import torch
 
 pytest.importorskip("transformers")
 
+from moss import tiny  # noqa: E402
 from moss.config import MossConfig  # noqa: E402
-from moss.experiment import GRID, adapter_params, dataset, make_record, matched_config, run  # noqa: E402
+from moss.experiment import (  # noqa: E402
+    GRID,
+    adapter_params,
+    dataset,
+    make_record,
+    matched_config,
+    run,
+    vocabulary,
+)
 
 
 def test_images_have_local_structure_and_the_splits_differ():
@@ -16,11 +25,14 @@ def test_images_have_local_structure_and_the_splits_differ():
         codes = torch.tensor(rec["segments"][1]["codes"]).reshape(GRID)
         colour = codes // 8
         # Neighbours mostly share a colour (a shape on a background), unlike noise.
-        same = (colour[1:] == colour[:-1]).float().mean() + (colour[:, 1:] == colour[:, :-1]).float().mean()
+        same = ((colour[1:] == colour[:-1]).float().mean()
+                + (colour[:, 1:] == colour[:, :-1]).float().mean())
         assert same / 2 > 0.6
-        assert set(colour.unique().tolist()) <= (set(range(4)) if split == "A" else set(range(4, 8)))
+        colours = set(range(4)) if split == "A" else set(range(4, 8))
+        assert set(colour.unique().tolist()) <= colours
         assert rec["segments"][0]["text"].startswith("draw a ")
-    a, b = dataset("A", 8, seed=1), dataset("A", 8, seed=1)
+    vocab = vocabulary(tiny.build())
+    a, b = dataset("A", 8, 1, vocab), dataset("A", 8, 1, vocab)
     assert [e.input_ids for e in a] == [e.input_ids for e in b]  # seeded
 
 
@@ -35,7 +47,8 @@ def test_variants_get_matched_parameter_budgets():
 def test_a_miniature_run_reports_every_variant(tmp_path, capsys):
     rows = run(quick=True, seeds=1, out=tmp_path, sizes=(3, 3, 16))
     names = {r["variant"] for r in rows}
-    assert names == {"frozen (no adapter)", "shared", "moe", "conv k=2", "conv k=3", "conv_rank k=2"}
+    assert names == {"frozen (no adapter)", "shared", "moe", "conv k=2", "conv k=3",
+                     "conv_rank k=2"}
     assert all(r["image"] > 0 and r["text"] > 0 for r in rows)
     assert "| conv k=2 |" in capsys.readouterr().out
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}

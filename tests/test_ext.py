@@ -35,7 +35,7 @@ def test_a_failed_load_is_reported(monkeypatch):
         assert _ext.build_info()["torch"] == torch.__version__.split("+")[0]
         assert _ext.build_info()["cuda"] in ("no", torch.version.cuda)
     assert "moss_kernels._C is not usable: ImportError: undefined symbol" in \
-        backends.unavailable_reason("cpu")
+        backends.backend("cpu").unavailable
     assert backends.resolve(None, "cpu") == "reference"  # the package still works
 
 

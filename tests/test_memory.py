@@ -7,7 +7,7 @@ dz into dP); and one new tensor, z ``[N, R_t + R_i]`` in the accumulation dtype 
 inputs: dB = dy^T z), R / D_in the size of x. Not the tap products P ``[N, R_t + K^2 R_i]``
 (the backward needs dP, which is gathered from dz, not P), not ``nbr``, the bias or y.
 
-The peak is measured with :func:`moss.bench.runner.cpu_peak_bytes` (the profiler's allocator
+The peak is measured with :func:`moss_kernels.memory.cpu_peak_bytes` (the profiler's allocator
 events), the same function ``moss bench`` reports on CPUs.
 """
 
@@ -17,12 +17,12 @@ import pytest
 import torch
 
 import moss_kernels as mk
-from moss.bench.runner import cpu_peak_bytes
 from moss_kernels import backends
+from moss_kernels.memory import cpu_peak_bytes
 from moss_kernels.reference import accumulation_dtype
-from conftest import Layout, make_params
 
-NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
+from helpers import ADAPTERS, CPU_BACKENDS, PARAMS, Layout, checkable, make_params
+
 D_IN, D_OUT, R, K = 24, 96, 16, 2  # K^2 R + R = 80 tap-product columns, wider than x
 
 
@@ -41,13 +41,8 @@ LAYOUT = _layout()
 PLAN = mk.RoutingPlan.from_spans(LAYOUT.route_tensor(), LAYOUT.spans(), kernel_size=K)
 
 
-def _dtypes(backend):
-    interpreted = getattr(backends.implementation(backend), "INTERPRETED", False)
-    return [d for d in (torch.float32, torch.float16, torch.bfloat16)
-            if backends.supports(backend, d) and not (interpreted and d == torch.bfloat16)]
-
-
-CASES = [(b, d) for b in mk.available_backends("cpu") for d in _dtypes(b)]
+CASES = [(b, d) for b in CPU_BACKENDS for d in (torch.float32, torch.float16, torch.bfloat16)
+         if checkable(b, d)]
 
 
 def _leaves(dtype):
@@ -56,7 +51,7 @@ def _leaves(dtype):
 
 
 def _forward(leaves, backend):
-    return mk.moss_linear(*(leaves[n] for n in NAMES[:3]), PLAN, *(leaves[n] for n in NAMES[3:]),
+    return mk.moss_linear(*(leaves[n] for n in PARAMS[:3]), PLAN, *(leaves[n] for n in ADAPTERS),
                           1.5, 0.5, backend=backend)
 
 
@@ -75,7 +70,7 @@ def _storages(tensors) -> dict[int, int]:
 @pytest.mark.parametrize("backend,dtype", CASES)
 def test_backward_saves_only_what_it_needs(backend, dtype):
     saved, leaves = _saved(backend, dtype)
-    inputs = _storages([leaves[n] for n in NAMES if n != "bias"] + [PLAN.route, PLAN.nbr_t])
+    inputs = _storages([leaves[n] for n in PARAMS if n != "bias"] + [PLAN.route, PLAN.nbr_t])
     new = [t for t in saved if t.untyped_storage().data_ptr() not in inputs]
     assert len(new) == 1, [tuple(t.shape) for t in new]
     assert new[0].shape == (LAYOUT.n, 2 * R) and new[0].dtype == accumulation_dtype(dtype)
@@ -121,7 +116,7 @@ def test_peak_memory_of_forward_backward_is_at_most_the_reference(backend, dtype
     """No tolerance needed: measured here, the fused backends peak at 0.84x the reference
     (fp32, cpu and triton), 0.74x (fp16, triton) and 0.67x (bf16, cpu; the reference computes
     half types on fp32 copies of x, dy and the weights)."""
-    if getattr(backends.implementation(backend), "INTERPRETED", False):
+    if backends.backend(backend).interpreted:
         request.getfixturevalue("prompt_frees")
     assert _peak(backend, dtype) <= _peak("reference", dtype)
 

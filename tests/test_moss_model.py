@@ -1,45 +1,18 @@
 """moss/: injection into real (tiny) transformers models, routing, unload, checkpoints (bad
-inputs: tests/test_bad_inputs.py)."""
+inputs: tests/test_bad_inputs_*.py)."""
 
 import copy
 import json
-import os
 
 import pytest
 import torch
 
 import moss_kernels as mk
-from moss import MossConfig, MossModel, get_moss_model, tiny
-from conftest import Interrupted, interrupt_at
+from moss import MossConfig, MossModel, get_moss_model
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from helpers import GRID, IMG, Interrupted, interrupt_at, tiny_chameleon, tiny_llama
+
 transformers = pytest.importorskip("transformers")
-
-IMG = list(range(40, 72))  # the tiny Chameleon's VQ code ids
-GRID = (3, 3)
-
-
-def tiny_llama(seed=0, layers=2, hidden=32):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=80, hidden_size=hidden, intermediate_size=48,
-                                   num_hidden_layers=layers, num_attention_heads=4,
-                                   num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_chameleon(seed=0):
-    torch.manual_seed(seed)
-    vq = dict(embed_dim=16, num_embeddings=32, base_channels=32, channel_multiplier=[1, 2],
-              num_res_blocks=1, resolution=32, in_channels=3, latent_channels=16,
-              attn_resolutions=[])
-    vocab = {tiny.code_name(i): tok for i, tok in enumerate(IMG)}
-    vocab.update({"<image>": 3, "<racm3:break>": 4, "<eoss>": 5})
-    cfg = transformers.ChameleonConfig(vocab_size=80, hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, vq_config=vq,
-                                       vocabulary_map=vocab, image_token_id=3)
-    return transformers.ChameleonForConditionalGeneration(cfg).eval()
-
 
 def interleaved_ids():
     """Two sequences: text, a 3 x 3 image, text, a partial image; left padding on the second."""
@@ -302,7 +275,8 @@ def test_generate_uses_the_decode_state():
         seq, smask = prompt, pmask
         for _ in range(4):
             pos = (smask.cumsum(-1) - 1).clamp(min=0)
-            nxt = moss(input_ids=seq, attention_mask=smask, position_ids=pos).logits[:, -1].argmax(-1)
+            logits = moss(input_ids=seq, attention_mask=smask, position_ids=pos).logits
+            nxt = logits[:, -1].argmax(-1)
             seq = torch.cat([seq, nxt[:, None]], 1)
             smask = torch.cat([smask, torch.ones_like(nxt)[:, None]], 1)
     assert torch.equal(out[:, -4:], seq[:, -4:])

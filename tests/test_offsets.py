@@ -23,18 +23,19 @@ import torch
 import moss_kernels as mk
 from moss_kernels import backends
 from moss_kernels.linear import linear_bwd, linear_fwd
-from conftest import Layout, make_params, within_tolerance
+
+from helpers import ADAPTERS, CPU_BACKENDS, Layout, make_params, within_tolerance
 
 D_IN, D_OUT = 7, 5
 LAYOUT = Layout((3,), [1, 1, 0], [(0, 1, 2, 2)])  # a 1 x 2 image (token 1 reads token 0), text
 SCALES = (0.5, 2.0)
-CASES = [(b, d) for b in mk.available_backends("cpu") for d in (torch.float32, torch.float16)
-         if backends.supports(b, d)]
+CASES = [(b, d) for b in CPU_BACKENDS for d in (torch.float32, torch.float16)
+         if backends.backend(b).supports(d)]
 
 
 def _ops(x, dy, p, plan, backend):
     """(y, dx, dW, db, dA_t, dB_t, dA_i, dB_i) from the ops, as given (no copies)."""
-    adapters = [p[n] for n in ("text_A", "text_B", "image_A", "image_B")]
+    adapters = [p[n] for n in ADAPTERS]
     y, z = linear_fwd(x, p["weight"], p["bias"], *adapters, plan.route, plan.nbr, plan.nbr_t,
                       *SCALES, backend)
     grads = linear_bwd(dy, x, p["weight"], *adapters, z, plan.route, plan.nbr_t, *SCALES,

@@ -8,10 +8,8 @@ import torch.nn.functional as F
 import moss_kernels as mk
 from moss_kernels import backends
 from moss_kernels.linear import linear_bwd, linear_fwd
-from conftest import make_params, random_layout, special_layouts
 
-NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
-BACKENDS = mk.available_backends("cpu")  # the Triton kernels too, interpreted (conftest)
+from helpers import ADAPTERS, CPU_BACKENDS, PARAMS, make_params, random_layout, special_layouts
 
 
 def _setup(gen, dtype=torch.float32, seed=11, k=2, bias=True):
@@ -26,8 +24,8 @@ def _fwd_args(p, plan, backend, x=None):
             p["image_A"], p["image_B"], plan.route, plan.nbr, plan.nbr_t, 0.5, 2.0, backend)
 
 
-@pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in (
-    torch.float32, torch.float64) if backends.supports(b, d)])
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in CPU_BACKENDS for d in (
+    torch.float32, torch.float64) if backends.backend(b).supports(d)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_forward(gen, dtype, bias, backend):
     _, plan, p = _setup(gen, dtype, bias=bias)
@@ -39,7 +37,7 @@ def test_opcheck_forward(gen, dtype, bias, backend):
     torch.library.opcheck(linear_fwd, _fwd_args(p, plan, backend, x=x_t))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck_backward(gen, backend):
     _, plan, p = _setup(gen)
     y, z = linear_fwd(*_fwd_args(p, plan, backend))
@@ -63,7 +61,7 @@ def test_backward_accepts_an_expanded_gradient(gen):
     assert torch.equal(x.grad, x2.grad)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_compile_fullgraph_parity(gen, backend):
     _, plan, p = _setup(gen)
 
@@ -74,7 +72,7 @@ def test_torch_compile_fullgraph_parity(gen, backend):
 
     grads = []
     for fn in (step, torch.compile(step, fullgraph=True, backend="inductor")):
-        leaves = [p[n].clone().requires_grad_(n != "weight") for n in NAMES]
+        leaves = [p[n].clone().requires_grad_(n != "weight") for n in PARAMS]
         out = fn(*leaves)
         out.square().sum().backward()
         grads.append([out.detach()] + [v.grad for v in leaves if v.requires_grad])
@@ -86,7 +84,7 @@ def test_leading_dims_flatten(gen):
     layout = special_layouts()[1]  # [2, 6]
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans())
     p = make_params(gen, layout.n, 5, 4, 2, 2, 2, dtype=torch.float32)
-    adapters = [p[n] for n in NAMES[3:]]
+    adapters = [p[n] for n in ADAPTERS]
     flat = mk.moss_linear(p["x"], p["weight"], p["bias"], plan, *adapters)
     for shape in [(2, 6, 5), (12, 5), (2, 3, 2, 5)]:
         y = mk.moss_linear(p["x"].reshape(shape), p["weight"], p["bias"], plan, *adapters)
@@ -95,13 +93,35 @@ def test_leading_dims_flatten(gen):
 
 
 # ------------------------------------------------------------------------- backend dispatch
+def _auto(device_type: str, dtype=torch.float32) -> str:
+    """What `auto` must pick: the available, non-interpreted backend with the highest
+    preference that runs there."""
+    runs = [backends.backend(n) for n in mk.available_backends(device_type)]
+    return max((b for b in runs if not b.interpreted and b.supports(dtype)),
+               key=lambda b: b.preference).name
+
+
 def test_available_backends_and_default():
     names = mk.available_backends()
     assert "reference" in names and set(names) <= set(backends.BACKENDS)
-    assert mk.available_backends("cpu") == [n for n in names if backends.runs_on(n, "cpu")]
-    first = next(n for n in backends.DEFAULT_ORDER["cpu"] if n in mk.available_backends("cpu"))
-    assert backends.resolve(None, "cpu") == first
-    assert backends.resolve(None, "cpu", torch.float64) in BACKENDS  # some backend runs float64
+    assert mk.available_backends("cpu") == [n for n in names if backends.backend(n).runs_on("cpu")]
+    assert backends.resolve(None, "cpu") == _auto("cpu")
+    assert backends.resolve(None, "cpu", torch.float64) == _auto("cpu", torch.float64)
+    if "cpu" in names:  # the compiled kernels beat the reference on CPU tensors
+        assert backends.resolve(None, "cpu") == "cpu"
+
+
+def test_every_backend_states_its_contract():
+    """One record per backend: unavailable with a reason, or its entry points, devices and
+    dtypes (None: any)."""
+    for name in backends.BACKENDS:
+        record = backends.backend(name)
+        assert record.name == name
+        if record.unavailable is None:
+            assert callable(record.forward) and callable(record.backward)
+            assert record.devices is None or set(record.devices) <= {"cpu", "cuda"}
+        else:
+            assert record.unavailable and record.forward is None
 
 
 def test_environment_variable_selects_the_backend(monkeypatch, gen):
@@ -109,8 +129,7 @@ def test_environment_variable_selects_the_backend(monkeypatch, gen):
     monkeypatch.setenv(backends.ENV_VAR, "reference")
     assert backends.resolve(None, "cpu") == "reference"
     monkeypatch.setenv(backends.ENV_VAR, "auto")
-    first = next(n for n in backends.DEFAULT_ORDER["cpu"] if n in mk.available_backends("cpu"))
-    assert backends.resolve(None, "cpu") == first  # "auto" means no preference
+    assert backends.resolve(None, "cpu") == _auto("cpu")  # "auto" means no preference
     # The argument wins over the environment.
     y = mk.moss_linear(p["x"], p["weight"], None, plan, backend="reference")
     torch.testing.assert_close(y, F.linear(p["x"], p["weight"]))

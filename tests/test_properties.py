@@ -15,17 +15,15 @@ from hypothesis import strategies as st  # noqa: E402
 
 import moss_kernels as mk  # noqa: E402
 from moss_kernels import backends  # noqa: E402
-from conftest import make_params, random_layout, within_tolerance  # noqa: E402
 
-NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
-BACKENDS = [b for b in mk.available_backends("cpu")]
+from helpers import ADAPTERS, CPU_BACKENDS, PARAMS, make_params, random_layout, within_tolerance  # noqa: E402
 
 
 def _run(layout, k, causal, params, dtype, backend):
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
                                      causal=causal, cu_seqlens=layout.cu_seqlens)
     leaves = {n: v.detach().to(dtype).requires_grad_() for n, v in params.items()}
-    y = mk.moss_linear(*(leaves[n] for n in NAMES[:3]), plan, *(leaves[n] for n in NAMES[3:]),
+    y = mk.moss_linear(*(leaves[n] for n in PARAMS[:3]), plan, *(leaves[n] for n in ADAPTERS),
                        1.5, 0.5, backend=backend)
     y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
     return {"y": y.detach(), **{n: v.grad for n, v in leaves.items()}}
@@ -40,8 +38,8 @@ def test_every_backend_matches_float64(seed, k, causal, r_t, r_i, d_in, d_out, p
     params = make_params(gen, layout.n, d_in, d_out, r_t, r_i, k)
     want = _run(layout, k, causal, params, torch.float64, "reference")
     ref32 = _run(layout, k, causal, params, torch.float32, "reference")
-    for backend in BACKENDS:
-        if not backends.supports(backend, torch.float32):
+    for backend in CPU_BACKENDS:
+        if not backends.backend(backend).supports(torch.float32):
             continue
         got = _run(layout, k, causal, params, torch.float32, backend)
         for name, value in got.items():

@@ -5,10 +5,19 @@ import torch
 import torch.nn.functional as F
 
 import moss_kernels as mk
-from conftest import TOLERANCE, conv2d_formulation, make_params, rel_err, random_layout, special_layouts
+
+from helpers import (
+    ADAPTERS,
+    PARAMS,
+    TOLERANCE,
+    conv2d_formulation,
+    make_params,
+    random_layout,
+    rel_err,
+    special_layouts,
+)
 
 LAYOUTS = [random_layout(seed) for seed in range(24)] + special_layouts()
-NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
 
 
 def _both(layout, k, causal, p, scales=(1.5, 0.75)):
@@ -18,7 +27,7 @@ def _both(layout, k, causal, p, scales=(1.5, 0.75)):
     results = []
     for fn in ("moss", "conv2d"):
         leaves = {n: v.clone().requires_grad_() for n, v in p.items() if v is not None}
-        args = [leaves.get(n) for n in NAMES]
+        args = [leaves.get(n) for n in PARAMS]
         if fn == "moss":
             x = args[0].reshape(*layout.shape, -1)  # leading dims follow the layout
             y = mk.moss_linear(x, args[1], args[2], plan, *args[3:], *scales, backend="reference")
@@ -50,7 +59,7 @@ def test_gradcheck_float64(k, causal, gen):
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
                                      causal=causal)
     p = make_params(gen, layout.n, 5, 4, 2, 3, k)
-    inputs = tuple(p[n].requires_grad_() for n in NAMES)
+    inputs = tuple(p[n].requires_grad_() for n in PARAMS)
     assert torch.autograd.gradcheck(
         lambda *a: mk.moss_linear(a[0], a[1], a[2], plan, *a[3:], 0.5, 2.0, backend="reference"),
         inputs,
@@ -66,15 +75,15 @@ def test_lower_precision_against_float64(dtype, gen):
     outs = {}
     for dt in (torch.float64, dtype):
         leaves = {n: v.detach().to(dt).requires_grad_() for n, v in p.items()}
-        y = mk.moss_linear(*(leaves[n] for n in NAMES[:3]), plan,
-                           *(leaves[n] for n in NAMES[3:]), 2.0, 2.0, backend="reference")
+        y = mk.moss_linear(*(leaves[n] for n in PARAMS[:3]), plan,
+                           *(leaves[n] for n in ADAPTERS), 2.0, 2.0, backend="reference")
         assert y.dtype == dt
         y.backward(torch.ones_like(y))
         outs[dt] = (y, {n: v.grad for n, v in leaves.items()})
         assert all(g.dtype == dt for g in outs[dt][1].values())
     (y64, g64), (y, g) = outs[torch.float64], outs[dtype]
     assert rel_err(y, y64) < TOLERANCE[dtype]
-    for name in NAMES:
+    for name in PARAMS:
         assert rel_err(g[name], g64[name]) < TOLERANCE[dtype], name
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from moss_kernels import RoutingPlan
-from conftest import Layout, random_layout, special_layouts
+
+from helpers import Layout, random_layout, special_layouts
 
 LAYOUTS = [random_layout(seed) for seed in range(40)] + special_layouts()
 WINDOWS = [(1, True), (2, True), (3, True), (2, False), (3, False)]
@@ -16,7 +17,7 @@ def brute_force_tables(layout: Layout, k: int, causal: bool):
     nbr = [[-1] * (k * k) for _ in range(layout.n)]
     nbr_t = [[-1] * (k * k) for _ in range(layout.n)]
     o = k - 1 if causal else (k - 1) // 2
-    for start, h, w, present in layout.images:
+    for start, _, w, present in layout.images:
         cell = {divmod(i, w): start + i for i in range(present)}  # (row, col) -> token
         for (row, col), t in cell.items():
             for p in range(k):
@@ -78,7 +79,8 @@ def _ids_for(layout: Layout, image_ids=(7, 8, 9)):
 def test_from_input_ids_cuts_runs_into_grids(seed, k, causal):
     """A random token stream with one grid: every image-token run is cut into H x W images."""
     gen = torch.Generator().manual_seed(seed)
-    h, w = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
+    h = int(torch.randint(1, 4, (1,), generator=gen))
+    w = int(torch.randint(1, 4, (1,), generator=gen))
     b, t = 2, 23
     kind = torch.randint(0, 10, (b, t), generator=gen)  # 0-1 pad, 2-4 text, 5-9 image
     route = torch.where(kind < 2, -1, torch.where(kind < 5, 0, 1))

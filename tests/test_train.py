@@ -1,17 +1,16 @@
 """moss train / moss generate, the data format, and the transformers Trainer (bad inputs:
-tests/test_bad_inputs.py)."""
+tests/test_bad_inputs_*.py)."""
 
 import json
-import os
 
 import pytest
 import torch
 
+from moss.backbones import load as backbone
 from moss.cli import main
 from moss.data import IGNORE, collate, encode_record, load_jsonl
-from moss.train import SAMPLE, backbone
+from moss.train import SAMPLE
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
 FAST = ["train", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "--warmup", "2"]
@@ -92,7 +91,8 @@ def test_records_become_ids_labels_and_batches():
     ex = encode_record(record, vocab, include_image_loss=True, where="x")
     assert decode(ex.input_ids) == "hiok"
     image = vocab.image(list(range(16)))
-    assert ex.input_ids == [vocab.bos] + vocab.encode_text("hi") + image + vocab.encode_text("ok") + [vocab.eos]
+    text = vocab.encode_text
+    assert ex.input_ids == [vocab.bos] + text("hi") + image + text("ok") + [vocab.eos]
     assert ex.labels[:3] == [IGNORE] * 3 and ex.labels[3:] == ex.input_ids[3:]
     text_only = encode_record(record, vocab, include_image_loss=False, where="x")
     assert text_only.labels[3:3 + len(image)] == [IGNORE] * len(image)
@@ -149,7 +149,8 @@ def test_a_checkpoint_interrupted_at_any_point_leaves_latest_loadable(tmp_path, 
     adapter and trainer state belong together."""
     from moss import MossConfig, MossModel, get_moss_model, tiny
     from moss.train import save_checkpoint
-    from conftest import Interrupted, interrupt_at
+
+    from helpers import Interrupted, interrupt_at
 
     moss = get_moss_model(tiny.build(), MossConfig(r_text=2, r_image=2))
     params = [p for p in moss.parameters() if p.requires_grad]

@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2, quick 1)")
     p.add_argument("--quick", action="store_true",
                    help="the small cpu-quick case and fewer rounds (under 2 minutes on 2 cores)")
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out the torch.compile providers")
     p.add_argument("--out", type=Path, default=Path("moss-bench-results"),
                    help="folder for the CSV (appended) and the plots (default: %(default)s)")
 
@@ -70,11 +71,13 @@ def _base_case(args, gpu: bool) -> Case:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     for key in ("tokens", "d_in", "d_out", "rank", "kernel_size"):
         if key in overrides and overrides[key] < 1:
-            raise SystemExit(f"moss bench: --{key.replace('_', '-')} must be >= 1, got {overrides[key]}")
+            raise SystemExit(f"moss bench: --{key.replace('_', '-')} must be >= 1, got "
+                             f"{overrides[key]}")
     if "grid" in overrides and min(overrides["grid"]) < 1:
         raise SystemExit(f"moss bench: --grid must be >= 1, got {overrides['grid']}")
     if not 0.0 <= overrides.get("image_fraction", 0.5) <= 1.0:
-        raise SystemExit(f"moss bench: --image-fraction must be in [0, 1], got {overrides['image_fraction']}")
+        raise SystemExit(f"moss bench: --image-fraction must be in [0, 1], got "
+                         f"{overrides['image_fraction']}")
     return replace(case, **overrides)
 
 

@@ -66,7 +66,7 @@ MODEL_CASES = {
     "emu2-qkvo": Case("emu2-qkvo", 16384, 6656, 6656, grid=(8, 8)),
     "emu2-mlp-up": Case("emu2-mlp-up", 16384, 6656, 17920, grid=(8, 8)),
 }
-#: What a 2-core CPU can time in seconds (DESIGN section 7's measurement shape).
+#: What a 2-core CPU can time in seconds (docs/design.md section 8's measurement shape).
 CPU_CASE = Case("cpu", 4096, 1024, 1024, grid=(16, 16))
 QUICK_CASE = Case("cpu-quick", 1024, 512, 512, grid=(16, 16))
 

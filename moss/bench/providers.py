@@ -129,9 +129,9 @@ def _peft(p: Problem) -> Fn:
 
 def _reference_math(p: Problem) -> Fn:
     def fn(t):
-        return reference.forward(
+        return reference.forward(backends.LinearInputs(
             t["x"], t["weight"], t["bias"], t["text_A"], t["text_B"], t["image_A"],
-            t["image_B"], p.plan.route, p.plan.nbr, TEXT_SCALE, IMAGE_SCALE)[0]
+            t["image_B"], p.plan.route, p.plan.nbr, p.plan.nbr_t, TEXT_SCALE, IMAGE_SCALE))[0]
 
     return fn
 
@@ -161,7 +161,8 @@ class Provider:
     compiled: bool = False
 
 
-def available_providers(device: torch.device, with_compile: bool = True) -> tuple[list[Provider], dict[str, str]]:
+def available_providers(device: torch.device, with_compile: bool = True
+                        ) -> tuple[list[Provider], dict[str, str]]:
     """The providers that can run on ``device``, and why the others cannot."""
     found = [Provider("F.linear", _floor, floor=True), Provider("eager", _eager)]
     skipped = {}
@@ -175,7 +176,7 @@ def available_providers(device: torch.device, with_compile: bool = True) -> tupl
     else:
         skipped["compile:*"] = "left out (--no-compile)"
     for name in mk.available_backends(device):
-        if getattr(backends.implementation(name), "INTERPRETED", False):
+        if backends.backend(name).interpreted:
             skipped[f"moss:{name}"] = "interpreted (timings would mean nothing)"
         else:
             found.append(Provider(f"moss:{name}", _moss(name), ours=True))

@@ -38,7 +38,9 @@ def format_table(rows: list[dict], alts: list[str]) -> str:
 
 
 def _speedup(v) -> str:
-    return "" if v is None or math.isnan(v) else f"{v:.2f}x faster" if v >= 1 else f"{1 / v:.2f}x slower"
+    if v is None or math.isnan(v):
+        return ""
+    return f"{v:.2f}x faster" if v >= 1 else f"{1 / v:.2f}x slower"
 
 
 def append_csv(path: Path, rows: list[dict], context: dict) -> Path:
@@ -79,7 +81,8 @@ def plot(rows: list[dict], field: str, out: Path, title: str) -> Path | None:
             pts = sorted((r[field], r["ratio_to_floor"]) for r in rows
                          if r["provider"] == provider and r["mode"] == mode)
             if pts:
-                style = "-o" if provider.startswith("moss:") else "--s" if provider != "F.linear" else ":"
+                style = ("-o" if provider.startswith("moss:") else
+                         "--s" if provider != "F.linear" else ":")
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=provider)
         ax.set_xlabel(field.replace("_", " "))
         ax.set_ylabel("time / F.linear (lower is better)")

@@ -7,25 +7,21 @@ p20/p80. ``backward`` times the backward alone (its forward runs untimed in the
 same round). Memory: ``saved_mb`` is what the autograd graph keeps for the backward (counted
 through saved-tensor hooks, any device); ``peak_mb`` is the allocator's peak above its level at
 the start of the measured call (CUDA: the caching allocator's statistics, in the timed rounds;
-CPU: :func:`cpu_peak_bytes`, in one extra untimed call per provider and mode, since profiling
-slows the call), and ``peak_vs_reference`` that peak over ``moss:reference``'s for the same case
-and mode.
+CPU: :func:`moss_kernels.memory.cpu_peak_bytes`, in one extra untimed call per provider and
+mode, since profiling slows the call), and ``peak_vs_reference`` that peak over
+``moss:reference``'s for the same case and mode.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import moss_kernels as mk
+from moss_kernels.memory import cpu_peak_bytes
 
 from .cases import Case, layout
 from .providers import IMAGE_SCALE, NAMES, TEXT_SCALE, Provider, make_problem
@@ -72,48 +68,6 @@ def _saved_bytes(fn: Callable, tensors: dict) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(tensors)
     return total
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """Kineto writes "USDT: ... profiler_start/stop" lines straight to file descriptor 2 on
-    every profile, through the progress bar; point it at /dev/null meanwhile."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes held by the CPU allocator during ``fn()`` above its level at the start.
-
-    The profiler reports every allocation and free of the CPU allocator (any thread, C++
-    extensions included); their running sum in time order is what is held. Python's cycle
-    collector is run before and paused during the call, so garbage caught in a reference cycle
-    counts until the call ends instead of until a collection happens to free it: the figure is
-    deterministic and never below the truth. Memory that bypasses the allocator (BLAS scratch,
-    numpy) is not counted.
-    """
-    gc.collect()
-    gc.disable()
-    try:
-        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
-                                                profile_memory=True) as prof:
-            fn()
-    finally:
-        gc.enable()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    held = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
 
 
 def _rel_err(got: torch.Tensor | None, want: torch.Tensor) -> float:
@@ -175,7 +129,7 @@ def run_case(case: Case, providers: list[Provider], device: torch.device, dtype:
     times = {i: [] for i in range(len(candidates))}
     peaks = {i: 0 for i in range(len(candidates))}
     for rnd in range(warmup + reps):
-        for i, (p, fn, mode) in enumerate(candidates):
+        for i, (_, fn, mode) in enumerate(candidates):
             elapsed, peak = _time_once(fn, mode, fwd_t, bwd_t, dy, device)
             if rnd >= warmup:
                 times[i].append(elapsed)
@@ -183,7 +137,7 @@ def run_case(case: Case, providers: list[Provider], device: torch.device, dtype:
         if progress is not None:
             progress.update(1)
     if device.type == "cpu":
-        for i, (p, fn, mode) in enumerate(candidates):
+        for i, (_, fn, mode) in enumerate(candidates):
             peaks[i] = cpu_peak_bytes(_measured_call(fn, mode, fwd_t, bwd_t, dy))
             for v in bwd_t.values():
                 v.grad = None

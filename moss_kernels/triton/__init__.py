@@ -1,4 +1,5 @@
-"""Triton backend: the MOSS linear forward and backward as DESIGN section 3 decomposes it.
+"""Triton backend: the MOSS linear forward and backward, decomposed as docs/design.md section 3
+lays out.
 
 Forward (``C = R_t + K*K*R_i``; shapes per token row):
 
@@ -33,7 +34,8 @@ layer's.
 
 On CPU tensors this backend runs only under the Triton interpreter (``TRITON_INTERPRET=1`` in
 the environment before this module is imported), which is how the tests exercise it without a
-GPU; bf16 is tested on GPUs only (the interpreter's bf16 dot is wrong, DESIGN section 7).
+GPU; bf16 is tested on GPUs only (the interpreter's bf16 dot is wrong, docs/design.md
+section 8).
 """
 
 from __future__ import annotations
@@ -41,17 +43,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..backends import Backend, Grads, LinearInputs, Needs
 from ..reference import split_down, stack_down
 from .gemm import INTERPRET, launch_gemm
 from .route import route_backward, route_forward
 
-DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRETED = INTERPRET  # timings of an interpreter mean nothing: moss bench leaves it out
 
-
-def _b_cat(text_B: Tensor, image_B: Tensor, text_scale: float, image_scale: float) -> Tensor:
-    return torch.cat([text_B * text_scale, image_B * image_scale], dim=1)  # [D_out, R]
+def _b_cat(a: LinearInputs) -> Tensor:
+    return torch.cat([a.text_B * a.text_scale, a.image_B * a.image_scale], dim=1)  # [D_out, R]
 
 
 def rank_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,37 +65,34 @@ def _matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     return launch_gemm(a, b, out_dtype=out_dtype)
 
 
-def forward(
-    x: Tensor, weight: Tensor, bias: Tensor | None, text_A: Tensor, text_B: Tensor,
-    image_A: Tensor, image_B: Tensor, route: Tensor, nbr: Tensor,
-    text_scale: float, image_scale: float,
-) -> tuple[Tensor, Tensor]:
-    r_t, r_i = text_A.shape[0], image_A.shape[0]
-    p = launch_gemm(x, stack_down(text_A, image_A).t(), route=route, r_t=r_t,
+def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
+    x, r_t, r_i = a.x, a.text_A.shape[0], a.image_A.shape[0]
+    p = launch_gemm(x, stack_down(a.text_A, a.image_A).t(), route=a.route, r_t=r_t,
                     out_dtype=rank_dtype(x.dtype))
-    z = route_forward(p, route, nbr, r_t, r_i)
-    b_cat = _b_cat(text_B, image_B, text_scale, image_scale)
-    y = launch_gemm(x, weight.t(), a2=z, b2=b_cat.t(), bias=bias)
+    z = route_forward(p, a.route, a.nbr, r_t, r_i)
+    y = launch_gemm(x, a.weight.t(), a2=z, b2=_b_cat(a).t(), bias=a.bias)
     return y, z
 
 
-def backward(
-    dy: Tensor, x: Tensor, weight: Tensor, text_A: Tensor, text_B: Tensor,
-    image_A: Tensor, image_B: Tensor, z: Tensor, route: Tensor, nbr_t: Tensor,
-    text_scale: float, image_scale: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    r_t, r_i = text_A.shape[0], image_A.shape[0]
+def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
+    x, r_t, r_i = a.x, a.text_A.shape[0], a.image_A.shape[0]
     rank = rank_dtype(dy.dtype)
-    b_cat = _b_cat(text_B, image_B, text_scale, image_scale)
-    dz = _matmul(dy, b_cat, rank)  # [N, R]
+    dz = _matmul(dy, _b_cat(a), rank)  # [N, R]
     d_b_cat = _matmul(dy.t(), z.to(rank), rank)  # [D_out, R], unscaled
-    d_text_B = (d_b_cat[:, :r_t] * text_scale).to(text_B.dtype)
-    d_image_B = (d_b_cat[:, r_t:] * image_scale).to(image_B.dtype)
-    dp = route_backward(dz, route, nbr_t, r_t, r_i)
-    a_all = stack_down(text_A, image_A)
+    d_text_B = (d_b_cat[:, :r_t] * a.text_scale).to(a.text_B.dtype)
+    d_image_B = (d_b_cat[:, r_t:] * a.image_scale).to(a.image_B.dtype)
+    dp = route_backward(dz, a.route, a.nbr_t, r_t, r_i)
+    a_all = stack_down(a.text_A, a.image_A)
     d_all = _matmul(dp.t(), x, rank).to(x.dtype)  # [C, D_in]
-    d_text_A, d_image_A = split_down(d_all, r_t, image_A.shape)
-    dx = launch_gemm(dy, weight, a2=dp, b2=a_all) if need_dx else x.new_empty(0)
-    dw = dy.t() @ x if need_dweight else x.new_empty(0)
-    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else x.new_empty(0)
-    return dx, dw, db, d_text_A, d_text_B, d_image_A, d_image_B
+    d_text_A, d_image_A = split_down(d_all, r_t, a.image_A.shape)
+    dx = launch_gemm(dy, a.weight, a2=dp, b2=a_all) if needs.x else x.new_empty(0)
+    dw = dy.t() @ x if needs.weight else x.new_empty(0)
+    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs.bias else x.new_empty(0)
+    return Grads(dx, dw, db, d_text_A, d_text_B, d_image_A, d_image_B)
+
+
+# Under the interpreter (CPU tensors) it is correct but slow: `auto` and moss bench skip it.
+BACKEND = Backend("triton", forward, backward,
+                  devices=("cuda", "cpu") if INTERPRET else ("cuda",),
+                  dtypes=(torch.float16, torch.bfloat16, torch.float32), preference=2,
+                  interpreted=INTERPRET)

@@ -43,7 +43,8 @@ def gemm_cases(all_configs: bool):
     uses = {  # the dtypes each use passes (A, B and out default to d; unused operands get A's)
         "taps": lambda d: dict(out=rank(d), route="i8", flags=[(False, False, True)]),
         "y": lambda d: dict(a2="fp32", b2=d, bias=d, route=d,
-                            flags=[(a2, bias, False) for a2 in (True, False) for bias in (True, False)]),
+                            flags=[(a2, bias, False) for a2 in (True, False)
+                                   for bias in (True, False)]),
         "dx": lambda d: dict(a2=rank(d), b2=d, flags=[(True, False, False), (False, False, False)]),
         # fp16 only: the backward's products that mix in an fp32 intermediate (torch otherwise)
         "dz": lambda d: dict(out="fp32", flags=no_flags) if d == "fp16" else None,
@@ -57,7 +58,8 @@ def gemm_cases(all_configs: bool):
         a = spec.get("a", dtype)
         spec = {"b": dtype, "out": dtype, "a2": a, "b2": a, "bias": a, "route": a} | spec
         precisions = ("ieee", "tf32") if a == "fp32" else ("ieee",)
-        for (has_a2, has_bias, skip), prec, tile in itertools.product(spec["flags"], precisions, tiles):
+        for (has_a2, has_bias, skip), prec, tile in itertools.product(spec["flags"], precisions,
+                                                                      tiles):
             main_case = use == "y" and dtype == "bf16" and has_a2 and has_bias
             if not (all_configs or tile is tiles[0] or main_case):
                 continue
@@ -74,7 +76,8 @@ def gemm_cases(all_configs: bool):
 def route_cases(all_configs: bool):
     from .route import BLOCK_T, _route_bwd_kernel, _route_fwd_kernel
 
-    for kernel, io in ((_route_fwd_kernel, ("p_ptr", "z_ptr")), (_route_bwd_kernel, ("dz_ptr", "dp_ptr"))):
+    for kernel, io in ((_route_fwd_kernel, ("p_ptr", "z_ptr")),
+                       (_route_bwd_kernel, ("dz_ptr", "dp_ptr"))):
         for dtype, kk, block_r in itertools.product(DTYPES, (1, 4, 9), (16, 32, 64, 128)):
             if not (all_configs or block_r == 16 or (dtype == "bf16" and kk == 9)):
                 continue
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
             gemm_cases(args.all_configs), route_cases(args.all_configs)):
         count += 1
         try:
-            src = ASTSource(fn=kernel, signature=_signature(kernel, types, consts), constexprs=consts)
+            src = ASTSource(fn=kernel, signature=_signature(kernel, types, consts),
+                            constexprs=consts)
             compiled = triton.compile(src, target=target, options=options)
             wgmma += "wgmma" in compiled.asm["ptx"]
         except Exception as exc:  # noqa: BLE001 -- every failure is listed, then we fail

@@ -63,7 +63,8 @@ def _route_fwd_kernel(
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         for tap in tl.static_range(KK):
             src = tl.load(nbr_ptr + rows * KK + tap, mask=t_ok, other=-1)
-            v = tl.load(p_ptr + src.to(tl.int64)[:, None] * stride_p + (R_T + tap * R_I + cols)[None, :],
+            col = R_T + tap * R_I + cols
+            v = tl.load(p_ptr + src.to(tl.int64)[:, None] * stride_p + col[None, :],
                         mask=(src >= 0)[:, None] & c_ok[None, :], other=0.0)
             acc += v.to(tl.float32)
         tl.store(z_ptr + rows[:, None] * stride_z + (R_T + cols)[None, :], acc,

@@ -1,0 +1,95 @@
+"""What a backbone spec says, and the generic spec: any decoder whose image tokens are given
+explicitly (docs/design.md section 7).
+
+A spec answers, for one model family:
+
+* which ``nn.Linear`` modules are adapted by default (``targets``) and which never are (a
+  vision tower's or VQ-VAE's, ``never_wrap``);
+* how image tokens are found for routing from ``input_ids`` (``image_tokens``: their ids and
+  H x W grid), and whether the model masks their logits (``unmask_image_logits``);
+* how the backbone spells interleaved data (``vocabulary``: text encoder, image-code tokens,
+  begin / end of image, the VQ encoder that turns an image file into codes), and how a local
+  checkpoint is loaded (``load_model``), for ``moss train`` / ``generate`` / ``experiment``.
+
+The generic spec knows no image vocabulary: image tokens are ``MossConfig.image_token_ids`` on
+``MossConfig.image_grid``, or an explicit layout (``route`` / ``images``) given to
+``MossModel.forward``, as for Emu2's LLaMA fed embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+
+@dataclass
+class Vocabulary:
+    """How a backbone spells interleaved data: a text encoder and the image token ids."""
+
+    encode_text: Callable[[str], list[int]]
+    code_to_token: list[int]  # VQ code -> token id
+    begin_image: int
+    end_image: int
+    grid: tuple[int, int]
+    bos: int | None = None
+    eos: int | None = None
+    pad: int = 0
+    encode_image_file: Callable[[Path], list[int]] | None = None  # when a VQ encoder exists
+
+    def image(self, codes: list[int]) -> list[int]:
+        return [self.begin_image] + [self.code_to_token[c] for c in codes] + [self.end_image]
+
+
+@dataclass(frozen=True)
+class TextCodec:
+    """The tokenizer's side of a Vocabulary."""
+
+    encode: Callable[[str], list[int]]
+    bos: int | None
+    eos: int | None
+    pad: int
+
+
+class BackboneSpec:
+    name = "generic"
+    #: The HF ``config.model_type`` values this spec serves (the registry's keys).
+    model_types: tuple[str, ...] = ()
+    #: Every attention and MLP projection of Llama-family decoders.
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj")
+    #: Module-path components whose linear layers are never adapted.
+    never_wrap: tuple[str, ...] = ()
+
+    def image_tokens(self, model: nn.Module, ids: list[int] | None, grid: tuple[int, int] | None
+                     ) -> tuple[list[int] | None, tuple[int, int] | None]:
+        """``(image token ids, grid)`` for routing from ``input_ids``, given the MossConfig's
+        (which win); ids None: every token id is text."""
+        if ids is not None and grid is None:
+            raise ValueError("image_grid: the backbone has image tokens but no known grid; set "
+                             "MossConfig(image_grid=(H, W))")
+        return ids, grid
+
+    def unmask_image_logits(self, model: nn.Module) -> Callable[[], None] | None:
+        """Let the model predict image tokens; returns the undo, or None if it masks nothing."""
+        return None
+
+    def vocabulary(self, model: nn.Module, text: TextCodec) -> Vocabulary:
+        from . import SPECS
+
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        with_one = sorted({s.name for s in SPECS.values()
+                           if type(s).vocabulary is not BackboneSpec.vocabulary})
+        raise ValueError(f"--model: a {kind} model has no image vocabulary moss can read "
+                         f"(backbones with one: {', '.join(with_one)}); adapt it from Python "
+                         f"with an explicit layout (MossModel.forward(route=..., images=...))")
+
+    def load_model(self, path: Path) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+
+GENERIC = BackboneSpec()
