@@ -14,6 +14,7 @@ moss/checkpoint.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -66,7 +67,8 @@ class MossModel(nn.Module):
         self.model = model
         self.backbone = spec
         self._restore_mask = spec.unmask_image_logits(model) if image_logits else None
-        self.moss_config = cfg
+        # The targets resolved, so that a checkpoint names them whatever the defaults become.
+        self.moss_config = dataclasses.replace(cfg, target_modules=list(names))
         self.router = Router()
         self.image_token_ids, self.image_grid = ids, grid
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}

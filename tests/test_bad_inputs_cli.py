@@ -13,6 +13,7 @@ import torch
 from moss.cli import main
 
 from catalogue import Catalogue, contains, jsonl
+from helpers import tiny_llama
 
 CLI = "the `moss` command line"
 catalogue = Catalogue({CLI: "cli"})
@@ -110,6 +111,21 @@ cli("`moss train --data bad.jsonl` (malformed)", 1, "moss train: ... bad.jsonl:1
 cli("`moss train --model nowhere/`", 1,
     "moss train: --model: ... nowhere is not a local checkpoint",
     lambda tmp: ["train", "--model", str(tmp / "nowhere"), "--out", str(tmp)])
+cli("`moss train --model` a folder without a transformers `config.json`", 1,
+    "moss train: --model: ... config.json is not a transformers config",
+    lambda tmp: ["train", "--model", str(tmp), "--out", str(tmp / "run")])
+
+
+def _llama_checkpoint(tmp) -> str:
+    tiny_llama().save_pretrained(tmp / "llama")
+    return str(tmp / "llama")
+
+
+cli("`moss train` / `generate --model` a backbone with no image vocabulary (a Llama)", 1,
+    "--model: ... holds a llama model, which has no image vocabulary moss can read (backbones "
+    "with one: chameleon); adapt it from Python with an explicit layout",
+    lambda tmp: ["train", "--model", _llama_checkpoint(tmp), "--out", str(tmp / "run")],
+    lambda tmp: ["generate", "--model", _llama_checkpoint(tmp), "--adapter", str(tmp)])
 cli("`moss train --resume` whose `latest` names a missing checkpoint", 1,
     "moss train --resume: path: ... checkpoint-9/moss_config.json does not exist", lambda tmp: [
         "train", "--resume", "--out", str(((tmp / "latest").write_text("checkpoint-9"), tmp)[1])])

@@ -55,13 +55,20 @@ def load(path: str | None) -> tuple[nn.Module, Vocabulary, Callable[[list[int]],
     except (OSError, ValueError, AttributeError) as exc:
         raise ValueError(f"--model: {folder / 'config.json'} is not a transformers config "
                          f"({exc})") from None
+    spec = SPECS.get(model_type, GENERIC)
+    if not spec.has_vocabulary:
+        readable = sorted({s.name for s in SPECS.values() if s.has_vocabulary})
+        raise ValueError(f"--model: {folder} holds a {model_type} model, which has no image "
+                         f"vocabulary moss can read (backbones with one: {', '.join(readable)}); "
+                         f"adapt it from Python with an explicit layout "
+                         f"(MossModel.forward(route=..., images=...))")
     from transformers import AutoTokenizer
 
-    model = SPECS.get(model_type, GENERIC).load_model(folder)
+    model = spec.load_model(folder)
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     text = TextCodec(lambda s: tok.encode(s, add_special_tokens=False), tok.bos_token_id,
                      tok.eos_token_id, tok.pad_token_id or 0)
-    return model, spec_for(model).vocabulary(model, text), tok.decode
+    return model, spec.vocabulary(model, text), tok.decode
 
 
 __all__ = ["SPECS", "BackboneSpec", "TextCodec", "Vocabulary", "load", "spec_for"]

@@ -7,9 +7,10 @@ A spec answers, for one model family:
   vision tower's or VQ-VAE's, ``never_wrap``);
 * how image tokens are found for routing from ``input_ids`` (``image_tokens``: their ids and
   H x W grid), and whether the model masks their logits (``unmask_image_logits``);
-* how the backbone spells interleaved data (``vocabulary``: text encoder, image-code tokens,
-  begin / end of image, the VQ encoder that turns an image file into codes), and how a local
-  checkpoint is loaded (``load_model``), for ``moss train`` / ``generate`` / ``experiment``.
+* when it has one (``has_vocabulary``), how it spells interleaved data (``vocabulary``: text
+  encoder, image-code tokens, begin / end of image, the VQ encoder that turns an image file
+  into codes) and how a local checkpoint is loaded (``load_model``), for ``moss train`` /
+  ``generate`` / ``experiment``.
 
 The generic spec knows no image vocabulary: image tokens are ``MossConfig.image_token_ids`` on
 ``MossConfig.image_grid``, or an explicit layout (``route`` / ``images``) given to
@@ -62,6 +63,9 @@ class BackboneSpec:
                                 "down_proj")
     #: Module-path components whose linear layers are never adapted.
     never_wrap: tuple[str, ...] = ()
+    #: Whether :meth:`vocabulary` exists: the backbone spells images as tokens moss can read
+    #: and write (what ``moss train`` / ``generate`` need).
+    has_vocabulary = False
 
     def image_tokens(self, model: nn.Module, ids: list[int] | None, grid: tuple[int, int] | None
                      ) -> tuple[list[int] | None, tuple[int, int] | None]:
@@ -76,20 +80,14 @@ class BackboneSpec:
         """Let the model predict image tokens; returns the undo, or None if it masks nothing."""
         return None
 
+    # A spec with ``has_vocabulary`` defines these two (the generic one cannot).
     def vocabulary(self, model: nn.Module, text: TextCodec) -> Vocabulary:
-        from . import SPECS
-
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        with_one = sorted({s.name for s in SPECS.values()
-                           if type(s).vocabulary is not BackboneSpec.vocabulary})
-        raise ValueError(f"--model: a {kind} model has no image vocabulary moss can read "
-                         f"(backbones with one: {', '.join(with_one)}); adapt it from Python "
-                         f"with an explicit layout (MossModel.forward(route=..., images=...))")
+        """How ``model`` spells interleaved data, its text side given by ``text``."""
+        raise NotImplementedError(f"the {self.name} backbone spec has no image vocabulary")
 
     def load_model(self, path: Path) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        """The model of a local checkpoint folder (no download)."""
+        raise NotImplementedError(f"the {self.name} backbone spec loads no checkpoints")
 
 
 GENERIC = BackboneSpec()

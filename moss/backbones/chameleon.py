@@ -37,6 +37,7 @@ class ChameleonSpec(BackboneSpec):
     name = "chameleon"
     model_types = ("chameleon",)
     never_wrap = ("vqmodel",)
+    has_vocabulary = True
 
     def image_tokens(self, model, ids, grid):
         hf = model.config
