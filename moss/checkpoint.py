@@ -52,8 +52,9 @@ def save_adapter(folder: str | os.PathLike, meta: dict, tensors: dict[str, torch
     fsync_dir(folder)
 
 
-def load_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(meta, tensors)`` of an adapter folder, every file-level fault refused: missing files,
+def load_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """``(meta, tensors, weights file read)`` of an adapter folder, every file-level fault
+    refused before anything else is looked at: missing files,
     a config that is not JSON or not written by :func:`save_adapter`, weights whose hash differs
     from the config's, that are not safetensors, or that hold NaN, Inf or non-float values."""
     from safetensors import SafetensorError
@@ -91,7 +92,7 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         if not value.is_floating_point() or not bool(value.isfinite().all()):
             raise ValueError(f"{key}: the file holds NaN, Inf or non-float values (a diverged "
                              f"run?)")
-    return meta, tensors
+    return meta, tensors, weights
 
 
 def _committed_weights(folder: Path, digest: str) -> Path:
@@ -106,9 +107,16 @@ def _committed_weights(folder: Path, digest: str) -> Path:
 
 # ---------------------------------------------------------------------- run checkpoints
 def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint folder ``<out>/latest`` names, if any."""
+    """The checkpoint folder ``<out>/latest`` names; None without a ``latest``. A ``latest``
+    that names no folder directly inside ``out`` (empty, a path) was not written here: refused."""
     latest = out / LATEST_NAME
-    return out / latest.read_text().strip() if latest.is_file() else None
+    if not latest.is_file():
+        return None
+    name = latest.read_text().strip()
+    if not name or name in (".", "..") or Path(name).name != name:
+        raise ValueError(f"{latest}: names {name!r}, not a checkpoint folder in {out} (not "
+                         f"written by moss train)")
+    return out / name
 
 
 def save_run_checkpoint(out: Path, step: int, save_adapter_to: Callable[[Path], None],
@@ -116,7 +124,10 @@ def save_run_checkpoint(out: Path, step: int, save_adapter_to: Callable[[Path], 
     """``<out>/checkpoint-<step>/``: the adapter (``save_adapter_to(folder)``) and the trainer
     state, committed by naming it in ``latest``; then the previous checkpoint goes."""
     target = out / f"checkpoint-{step}"
-    previous = latest_checkpoint(out)
+    try:
+        previous = latest_checkpoint(out)
+    except ValueError:  # a `latest` written by someone else: replaced, nothing removed
+        previous = None
     if previous == target:
         # The committed checkpoint of this very step (a resumed run saving at once): exact
         # resume makes it identical, and replacing it would leave `latest` naming a folder

@@ -46,7 +46,7 @@ class MossConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
                 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
-        if self.image_adapter not in VARIANTS:
+        if not isinstance(self.image_adapter, str) or self.image_adapter not in VARIANTS:
             raise ValueError(f"image_adapter: expected one of {', '.join(VARIANTS)}, got "
                              f"{self.image_adapter!r}")
         if self.target_modules is not None:

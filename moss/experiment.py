@@ -185,7 +185,7 @@ def run(quick: bool, seeds: int, out: Path,
         moss = get_moss_model(base, cfg)
         params = [p for p in moss.parameters() if p.requires_grad]
         _fit(moss, params, train_b, steps, 5e-3, seed=5)
-        rows.append({"variant": cfg.variant.label(cfg), "seed": seed,
+        rows.append({"variant": cfg.variant.label(cfg), "window": cfg.window, "seed": seed,
                      "params": sum(p.numel() for p in params),
                      "r_text": cfg.r_text, "r_image": cfg.r_image,
                      **evaluate(moss, val_b, image_ids)})
@@ -198,7 +198,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == name]
-        entry = {"variant": name, "params": rs[0]["params"], "seeds": len(rs)}
+        entry = {"variant": name, "window": rs[0].get("window", 0), "params": rs[0]["params"],
+                 "seeds": len(rs)}
         for kind in ("image", "text"):
             vals = [r[kind] for r in rs]
             entry[f"{kind}_mean"] = statistics.mean(vals)
@@ -236,7 +237,7 @@ def report(rows: list[dict], out: Path, quick: bool) -> None:
     for ax, kind in zip(axes, ("image", "text")):
         means = [s[f"{kind}_mean"] for s in adapters]
         sds = [s[f"{kind}_sd"] for s in adapters]
-        colours = ["#dd8452" if s["variant"].startswith("conv") else "#4c72b0" for s in adapters]
+        colours = ["#dd8452" if s["window"] > 1 else "#4c72b0" for s in adapters]  # convolving
         ax.bar([s["variant"] for s in adapters], means, yerr=sds, capsize=4, color=colours)
         top = max(m + d for m, d in zip(means, sds))
         bottom = min(m - d for m, d in zip(means, sds))

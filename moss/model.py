@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -187,7 +186,8 @@ class MossModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike,
                         image_logits: bool = False) -> MossModel:
-        meta, loaded = checkpoint.load_adapter(path)
+        # Every file-level fault is refused before the model is touched (load_adapter).
+        meta, loaded, weights = checkpoint.load_adapter(path)
         wrapped = meta.pop("wrapped", None)
         moss = get_moss_model(model, MossConfig.from_dict(meta), image_logits)
         if wrapped is not None and wrapped != moss.wrapped:
@@ -200,8 +200,8 @@ class MossModel(nn.Module):
         expected = set(moss.adapter_state_dict())
         missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
         if missing or unexpected:
-            raise ValueError(f"{Path(path) / checkpoint.WEIGHTS_NAME}: missing keys "
-                             f"{missing[:5]}, unexpected keys {unexpected[:5]}")
+            raise ValueError(f"{weights}: missing keys {missing[:5]}, unexpected keys "
+                             f"{unexpected[:5]}")
         with torch.no_grad():
             for key, value in loaded.items():
                 if value.shape != own[key].shape:

@@ -146,16 +146,15 @@ def train(args: argparse.Namespace) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier(world)
-    latest = checkpoint.latest_checkpoint(out)
-    start = 0
-    if args.resume and latest is not None:
-        with input_errors("train --resume"):
+    start, state = 0, None
+    with input_errors("train --resume"):
+        latest = checkpoint.latest_checkpoint(out) if args.resume else None
+        if latest is not None:
             moss = MossModel.from_pretrained(model, latest, image_logits=image_loss)
             state = checkpoint.load_trainer_state(latest)
-        start = state["step"]
-    else:
+            start = state["step"]
+    if latest is None:
         moss = get_moss_model(model, cfg, image_logits=image_loss)
-        state = None
     device = torch.device(f"cuda:{local}" if gpu else "cpu")
     moss.to(device)
     runner = moss
@@ -165,7 +164,7 @@ def train(args: argparse.Namespace) -> Path:
         # the routing plan see plain tensors.
         from torch.distributed.fsdp import fully_shard
 
-        for layer in moss.model.model.layers:
+        for layer in moss.backbone.decoder_layers(moss.model):
             fully_shard(layer)
         fully_shard(moss)
     elif world > 1:

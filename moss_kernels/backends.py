@@ -95,19 +95,27 @@ def _reference() -> Backend:
     return importlib.import_module("moss_kernels.reference").BACKEND
 
 
-def _compiled(device_type: str) -> Backend:
-    if not _ext.loaded():
-        return Backend(device_type, unavailable=f"the extension moss_kernels._C is not usable: "
-                                                f"{_ext.load_error()}")
-    if device_type == "cuda":
-        if _ext.build_info().get("cuda", "no") == "no":
-            return Backend("cuda", unavailable="moss_kernels._C was built without CUDA (torch "
-                                               "without CUDA, or no CUDA toolkit found at build "
-                                               "time)")
-        if not torch.cuda.is_available():
-            return Backend("cuda", unavailable="moss_kernels._C has CUDA kernels but no CUDA GPU "
-                                               "is visible")
-    return getattr(importlib.import_module("moss_kernels.compiled"), device_type.upper())
+def _extension_error(name: str) -> Backend | None:
+    if _ext.loaded():
+        return None
+    return Backend(name, unavailable=f"the extension moss_kernels._C is not usable: "
+                                     f"{_ext.load_error()}")
+
+
+def _cpu() -> Backend:
+    return _extension_error("cpu") or importlib.import_module("moss_kernels.compiled").CPU
+
+
+def _cuda() -> Backend:
+    if (missing := _extension_error("cuda")) is not None:
+        return missing
+    if _ext.build_info().get("cuda", "no") == "no":
+        return Backend("cuda", unavailable="moss_kernels._C was built without CUDA (torch without "
+                                           "CUDA, or no CUDA toolkit found at build time)")
+    if not torch.cuda.is_available():
+        return Backend("cuda", unavailable="moss_kernels._C has CUDA kernels but no CUDA GPU is "
+                                           "visible")
+    return importlib.import_module("moss_kernels.compiled").CUDA
 
 
 def _triton() -> Backend:
@@ -130,8 +138,8 @@ def _triton() -> Backend:
 #: How to reach each backend's record, in the contract's order (the order users see).
 _LOADERS: dict[str, Callable[[], Backend]] = {
     "reference": _reference,
-    "cpu": lambda: _compiled("cpu"),
-    "cuda": lambda: _compiled("cuda"),
+    "cpu": _cpu,
+    "cuda": _cuda,
     "triton": _triton,
 }
 #: Every backend name.

@@ -5,6 +5,7 @@ import importlib
 import pkgutil
 
 import pytest
+import torch
 
 import moss.backbones as backbones
 from moss import MossConfig, get_moss_model, tiny
@@ -59,3 +60,12 @@ def test_load_reads_the_builtin_tiny_model():
     model, vocab, decode = backbones.load(None)
     assert backbones.spec_for(model).name == "chameleon"
     assert decode(vocab.encode_text("hi")) == "hi" and vocab.grid == tiny.GRID
+
+
+def test_an_image_tokenizer_is_never_wrapped_whatever_the_backbone():
+    """The generic spec skips a ``vqmodel`` too (Emu3 and Janus name their VQ-VAE so)."""
+    model = tiny_llama()
+    model.vqmodel = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(4, 4)})
+    moss = get_moss_model(model, MossConfig(r_text=2, r_image=2))
+    assert moss.backbone is GENERIC and len(moss.wrapped) == 14
+    assert not any("vqmodel" in name for name in moss.wrapped)

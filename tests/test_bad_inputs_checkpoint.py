@@ -130,6 +130,20 @@ error(LOAD, "NaN or Inf in the weights file", ValueError,
       lambda tmp: load(_rewrite_weights(saved(tmp), _poison)))
 
 
+@behaviour(LOAD, "any fault in the folder's files (the rows above, but for the model rows)",
+           "refused before the model is touched: it comes back unwrapped, as it was given")
+def _model_untouched(tmp):
+    model = tiny_llama()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load(_write(saved(tmp) / "moss_config.json", b"{not json"), model)
+    with pytest.raises(ValueError, match="non-float values"):
+        load(_rewrite_weights(saved(tmp), _poison), model)
+    assert not any(type(m).__name__ == "MossLinear" for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
 @behaviour(LOAD, "weights in another float dtype (float16)", "cast to the model's dtype")
 def _half_weights(tmp):
     folder = _rewrite_weights(saved(tmp), lambda t: {k: v.half() for k, v in t.items()})

@@ -129,6 +129,11 @@ cli("`moss train` / `generate --model` a backbone with no image vocabulary (a Ll
 cli("`moss train --resume` whose `latest` names a missing checkpoint", 1,
     "moss train --resume: path: ... checkpoint-9/moss_config.json does not exist", lambda tmp: [
         "train", "--resume", "--out", str(((tmp / "latest").write_text("checkpoint-9"), tmp)[1])])
+cli("`moss train --resume` whose `latest` names no folder of the run (empty, a path)", 1,
+    "moss train --resume: ... latest: names ... not a checkpoint folder in",
+    *[lambda tmp, name=name: ["train", "--resume", "--out",
+                              str(((tmp / "latest").write_text(name), tmp)[1])]
+      for name in ("\n", "..", "../elsewhere")])
 
 
 @behaviour(CLI, "`moss train --data missing.jsonl`, run as a process",

@@ -35,9 +35,9 @@ errors(CONFIG, "`dropout` outside [0, 1) (NaN included)", ValueError,
        [(dict(v=v), lambda v=v: config(dropout=v)) for v in (1.0, -0.1, NAN)])
 error(CONFIG, "`causal` not a bool", TypeError, "causal: expected a bool, got str",
       lambda: config(causal="yes"))
-error(CONFIG, "`image_adapter` not a variant", ValueError,
-      "image_adapter: expected one of shared, moe, conv, conv_rank, got 'lora'",
-      lambda: config(image_adapter="lora"))
+errors(CONFIG, "`image_adapter` not a variant name (another name, a list)", ValueError,
+       "image_adapter: expected one of shared, moe, conv, conv_rank, got {v!r}",
+       [(dict(v=v), lambda v=v: config(image_adapter=v)) for v in ("lora", ["conv"])])
 errors(CONFIG, "`target_modules` a str, empty, or holding a non-str", ValueError,
        "target_modules: expected a non-empty list of module names (or None), got {v!r}",
        [(dict(v=v), lambda v=v: config(target_modules=v)) for v in ("q_proj", [], ["q_proj", 3])])

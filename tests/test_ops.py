@@ -1,5 +1,5 @@
 """The shared custom ops: opcheck, torch.compile, backend dispatch (bad arguments:
-tests/test_bad_inputs.py)."""
+tests/test_bad_inputs_*.py)."""
 
 import pytest
 import torch

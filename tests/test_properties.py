@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): random layouts, ranks, windows and sizes on every backend
 this machine has, forward and backward against the float64 reference. (NaN propagation is a
-row of the bad-input catalogue, tests/test_bad_inputs.py.)
+row of the bad-input catalogue, tests/test_bad_inputs_*.py.)
 
 Profiles (tests/conftest.py): ``ci`` (default, bounded) and ``long``
 (``HYPOTHESIS_PROFILE=long`` for manual runs).

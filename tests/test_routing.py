@@ -1,5 +1,5 @@
 """RoutingPlan: tables against a brute-force construction, both constructors (bad inputs:
-tests/test_bad_inputs.py)."""
+tests/test_bad_inputs_*.py)."""
 
 import pytest
 import torch

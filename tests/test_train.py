@@ -193,3 +193,18 @@ def test_a_checkpoint_interrupted_at_any_point_leaves_latest_loadable(tmp_path, 
         if calls[0] < k:
             break
     assert steps_seen == {4, 8} and calls[0] >= 8
+
+
+def test_a_foreign_latest_file_never_costs_the_run_folder(tmp_path):
+    """A `latest` that names no checkpoint of the run (empty, ``..``) is replaced by the next
+    save, and nothing outside the run's own checkpoints is removed."""
+    from moss.checkpoint import latest_checkpoint, save_run_checkpoint
+
+    for i, foreign in enumerate(("\n", "..", ".")):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        (out / "train.log").write_text("kept\n")
+        (out / "latest").write_text(foreign)
+        target = save_run_checkpoint(out, 5, lambda folder: folder.mkdir(), {"step": 5})
+        assert (out / "train.log").read_text() == "kept\n" and target.is_dir()
+        assert latest_checkpoint(out) == target

@@ -61,8 +61,9 @@ class BackboneSpec:
     #: Every attention and MLP projection of Llama-family decoders.
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                 "down_proj")
-    #: Module-path components whose linear layers are never adapted.
-    never_wrap: tuple[str, ...] = ()
+    #: Module-path components whose linear layers are never adapted: an image tokenizer's
+    #: (transformers names it ``vqmodel`` in Chameleon, Emu3 and Janus) is not the language model.
+    never_wrap: tuple[str, ...] = ("vqmodel",)
     #: Whether :meth:`vocabulary` exists: the backbone spells images as tokens moss can read
     #: and write (what ``moss train`` / ``generate`` need).
     has_vocabulary = False
@@ -75,6 +76,11 @@ class BackboneSpec:
             raise ValueError("image_grid: the backbone has image tokens but no known grid; set "
                              "MossConfig(image_grid=(H, W))")
         return ids, grid
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The transformer blocks, in order (what FSDP2 shards one by one); Llama-family
+        layout: ``model.model.layers``."""
+        return list(model.model.layers)
 
     def unmask_image_logits(self, model: nn.Module) -> Callable[[], None] | None:
         """Let the model predict image tokens; returns the undo, or None if it masks nothing."""

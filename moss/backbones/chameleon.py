@@ -36,7 +36,6 @@ class _UnmaskedVocabulary:
 class ChameleonSpec(BackboneSpec):
     name = "chameleon"
     model_types = ("chameleon",)
-    never_wrap = ("vqmodel",)
     has_vocabulary = True
 
     def image_tokens(self, model, ids, grid):
