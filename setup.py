@@ -4,7 +4,8 @@ Install with ``pip install --no-build-isolation -e .``: build isolation would fe
 multi-GB torch into the build environment, and the extension must be compiled against the torch
 that will run it. What gets built:
 
-* always the CPU kernels (csrc/*.cpp, csrc/cpu/);
+* always the CPU kernels (csrc/*.cpp, csrc/cpu/) and the CUDA backend's source compiled for the
+  CPU emulator (csrc/emulated/: the `cuda-emulated` test backend);
 * also the CUDA kernels (csrc/cuda/) when torch has CUDA and a CUDA toolkit is found
   (``CUDA_HOME`` or nvcc on the PATH), unless ``MOSS_BUILD_CUDA=0``.
 
@@ -59,7 +60,7 @@ def _extension():
     # -ffp-contract=fast: let a*b + c become one FMA in the CPU kernels (csrc/cpu/simd.h); the
     # ISO -std=c++17 mode torch compiles in would otherwise forbid it and halve their throughput.
     cxx += ["-fopenmp", "-ffp-contract=fast", f"-DMOSS_TORCH_VERSION={torch_version}"]
-    sources = sorted(glob("csrc/*.cpp") + glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob("csrc/*.cpp") + glob("csrc/cpu/*.cpp") + glob("csrc/emulated/*.cpp"))
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.environ.get("MOSS_BUILD_CUDA", "1") != "0")
     if not with_cuda:

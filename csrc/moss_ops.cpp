@@ -10,6 +10,8 @@
 
 #include <string>
 
+#include "emulated/emulated.h"
+
 #ifndef MOSS_TORCH_VERSION
 #error "MOSS_TORCH_VERSION must be defined by setup.py"
 #endif
@@ -61,6 +63,19 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
       "Tensor image_A, Tensor image_B, Tensor z, Tensor route, Tensor nbr_t, float text_scale, "
       "float image_scale, bool need_dx, bool need_dweight, bool need_dbias) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The `cuda-emulated` test backend (csrc/emulated/): the CUDA backend's source run on CPU
+  // tensors, under ops of its own (the schemas above), and its launch settings.
+  m.def(
+      "_emulated_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor text_A, Tensor text_B, "
+      "Tensor image_A, Tensor image_B, Tensor route, Tensor nbr, float text_scale, "
+      "float image_scale) -> (Tensor, Tensor)");
+  m.def(
+      "_emulated_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor text_A, Tensor text_B, "
+      "Tensor image_A, Tensor image_B, Tensor z, Tensor route, Tensor nbr_t, float text_scale, "
+      "float image_scale, bool need_dx, bool need_dweight, bool need_dbias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_emulated_configure(int max_blocks, int threads, bool check_writes) -> int[]",
+        &emulated_configure);
 }
 
 }  // namespace moss

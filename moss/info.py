@@ -56,10 +56,10 @@ def report() -> str:
         record = backends.backend(name)
         if record.unavailable is None:
             where = ", ".join(record.devices) if record.devices else "any device"
-            lines.append(f"  {name:<10} available ({where}"
-                         f"{'; interpreted' if record.interpreted else ''})")
+            test = "; a test backend: emulated, never chosen by auto" if record.emulated else ""
+            lines.append(f"  {name:<14} available ({where}{test})")
         else:
-            lines.append(f"  {name:<10} unavailable: {record.unavailable}")
+            lines.append(f"  {name:<14} unavailable: {record.unavailable}")
     lines += ["", "default backend:"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

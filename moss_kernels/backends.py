@@ -13,7 +13,7 @@ Each backend module builds its own record; :data:`_LOADERS` below says how to re
 that fails (not built, no GPU, an import error), returns a record that says why. Selection, in
 order: the ``backend=`` argument, the ``MOSS_KERNELS_BACKEND`` environment variable (``auto`` or
 unset: no preference), then the available backend with the highest ``preference`` that runs on
-the tensors' device and dtype (interpreted backends never: their timings mean nothing). A
+the tensors' device and dtype (emulated backends never: their timings mean nothing). A
 backend that is asked for and cannot run raises :class:`BackendUnavailableError` saying why.
 """
 
@@ -81,7 +81,9 @@ class Backend:
     devices: tuple[str, ...] | None = None  # device types; None: any device torch supports
     dtypes: tuple[torch.dtype, ...] | None = None  # None: any floating dtype
     preference: int = 0  # what `auto` picks among those that run: the highest
-    interpreted: bool = False  # runs in an interpreter: correct, but timings mean nothing
+    # Runs GPU kernels on the CPU (Triton's interpreter, the cuda-emulated test backend): correct,
+    # but slow, so `auto` never picks it and moss bench never times it.
+    emulated: bool = False
     unavailable: str | None = None  # why it cannot run here; None: it can
 
     def runs_on(self, device_type: str) -> bool:
@@ -118,6 +120,11 @@ def _cuda() -> Backend:
     return importlib.import_module("moss_kernels.compiled").CUDA
 
 
+def _cuda_emulated() -> Backend:
+    return (_extension_error("cuda-emulated")
+            or importlib.import_module("moss_kernels.compiled").EMULATED)
+
+
 def _triton() -> Backend:
     try:
         import triton
@@ -141,6 +148,7 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
     "cpu": _cpu,
     "cuda": _cuda,
     "triton": _triton,
+    "cuda-emulated": _cuda_emulated,  # the CUDA backend's source on CPU tensors, for tests
 }
 #: Every backend name.
 BACKENDS = tuple(_LOADERS)
@@ -182,7 +190,7 @@ def resolve(name: str | None, device_type: str, dtype: torch.dtype = torch.float
         name = os.environ.get(ENV_VAR, "auto").strip() or "auto"
         source = f"{ENV_VAR}={name!r}"
         if name == "auto":
-            runs = [b for b in map(backend, BACKENDS) if b.unavailable is None and not b.interpreted
+            runs = [b for b in map(backend, BACKENDS) if b.unavailable is None and not b.emulated
                     and b.runs_on(device_type) and b.supports(dtype)]
             if not runs:
                 raise BackendUnavailableError(f"no backend runs on {device_type!r} {dtype} tensors")

@@ -1,11 +1,13 @@
-"""The compiled extension's backends: ``cpu`` (csrc/cpu) and ``cuda`` (csrc/cuda).
+"""The compiled extension's backends: ``cpu`` (csrc/cpu), ``cuda`` (csrc/cuda) and the test
+backend ``cuda-emulated`` (csrc/emulated).
 
-Both are reached through the ops ``moss::_ext_linear_fwd`` / ``moss::_ext_linear_bwd`` (flat
-schemas, csrc/moss_ops.cpp), which dispatch on the tensors' device: on CPU the base GEMM is
+``cpu`` and ``cuda`` are reached through the ops ``moss::_ext_linear_fwd`` / ``_ext_linear_bwd``
+(flat schemas, csrc/moss_ops.cpp), which dispatch on the tensors' device: on CPU the base GEMM is
 ATen's (MKL) and the adapter runs in hand-vectorised route-aware kernels
-(csrc/cpu/rank_kernels.h); on CUDA the adapter rides in cuBLAS GEMMs around two routing
-kernels (csrc/cuda/linear_cuda.cpp). moss_kernels/backends.py loads this module only once the
-extension has loaded.
+(csrc/cpu/rank_kernels.h); on CUDA the adapter rides in cuBLAS GEMMs around the routing kernels
+(csrc/cuda/linear_impl.h). ``cuda-emulated`` runs that same CUDA source on CPU tensors, through
+``moss::_emulated_linear_fwd`` / ``_bwd``, so that CI executes it without a GPU.
+moss_kernels/backends.py loads this module only once the extension has loaded.
 """
 
 from __future__ import annotations
@@ -16,18 +18,32 @@ from torch import Tensor
 from .backends import Backend, Grads, LinearInputs, Needs
 
 
-def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
-    return torch.ops.moss._ext_linear_fwd(a.x, a.weight, a.bias, a.text_A, a.text_B, a.image_A,
-                                          a.image_B, a.route, a.nbr, a.text_scale, a.image_scale)
+def _entry_points(fwd, bwd):
+    """A backend's forward and backward through the extension ops ``fwd`` / ``bwd``."""
+    def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
+        return fwd(a.x, a.weight, a.bias, a.text_A, a.text_B, a.image_A, a.image_B, a.route,
+                   a.nbr, a.text_scale, a.image_scale)
+
+    def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
+        return Grads(*bwd(dy, a.x, a.weight, a.text_A, a.text_B, a.image_A, a.image_B, z,
+                          a.route, a.nbr_t, a.text_scale, a.image_scale, *needs))
+
+    return forward, backward
 
 
-def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
-    return Grads(*torch.ops.moss._ext_linear_bwd(
-        dy, a.x, a.weight, a.text_A, a.text_B, a.image_A, a.image_B, z, a.route, a.nbr_t,
-        a.text_scale, a.image_scale, *needs))
+_EXT = _entry_points(torch.ops.moss._ext_linear_fwd, torch.ops.moss._ext_linear_bwd)
+_HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
-
-CPU = Backend("cpu", forward, backward, devices=("cpu",),
+CPU = Backend("cpu", *_EXT, devices=("cpu",),
               dtypes=(torch.float32, torch.float64, torch.bfloat16), preference=1)
-CUDA = Backend("cuda", forward, backward, devices=("cuda",),
-               dtypes=(torch.float16, torch.bfloat16, torch.float32), preference=1)
+CUDA = Backend("cuda", *_EXT, devices=("cuda",), dtypes=_HALF_AND_SINGLE, preference=1)
+EMULATED = Backend("cuda-emulated", *_entry_points(torch.ops.moss._emulated_linear_fwd,
+                                                   torch.ops.moss._emulated_linear_bwd),
+                   devices=("cpu",), dtypes=_HALF_AND_SINGLE, emulated=True)
+
+
+def configure_emulation(max_blocks: int, threads: int, check_writes: bool = False) -> tuple:
+    """The ``cuda-emulated`` launch shape: at most ``max_blocks`` blocks of ``threads``
+    threads, and whether each launch checks that every output element is written by exactly
+    one (block, thread). Returns the previous settings, to pass back."""
+    return tuple(torch.ops.moss._emulated_configure(max_blocks, threads, check_writes))

@@ -75,12 +75,16 @@ def linear_bwd(
 @linear_bwd.register_fake
 def _linear_bwd_fake(dy, x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
                      text_scale, image_scale, need_dx, need_dweight, need_dbias, backend):
+    # Dense row-major, as every backend returns them, whatever the inputs' strides (empty_like
+    # of a column-major x would promise a column-major dx, and Inductor would read it so).
+    def like(t):
+        return t.new_empty(t.shape)
+
     return (
-        torch.empty_like(x) if need_dx else x.new_empty(0),
-        torch.empty_like(weight) if need_dweight else x.new_empty(0),
+        like(x) if need_dx else x.new_empty(0),
+        like(weight) if need_dweight else x.new_empty(0),
         weight.new_empty(weight.shape[0]) if need_dbias else x.new_empty(0),
-        torch.empty_like(text_A), torch.empty_like(text_B),
-        torch.empty_like(image_A), torch.empty_like(image_B),
+        like(text_A), like(text_B), like(image_A), like(image_B),
     )
 
 

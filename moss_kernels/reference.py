@@ -10,7 +10,10 @@ It follows the rank-space decomposition step for step, every D-wide operation a 
 
 What it does differently: it runs on any device and in any floating dtype, float64 included;
 half-precision inputs are computed in float32 and rounded once at the end, and ``z`` is
-returned in that accumulation dtype because the backward reads it for ``dB``.
+returned in that accumulation dtype because the backward reads it for ``dB``. The expands
+``z Bcat^T`` and ``dP A_all`` are taken per route and kept to that route's rows, so a NaN or Inf
+in one route's weights reaches exactly the rows that read it (a full-width product would put
+0 * NaN on every other row); the fused backends do the same by their own means.
 """
 
 from __future__ import annotations
@@ -65,8 +68,7 @@ def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
     z = torch.cat([z_t, z_i], dim=1)
     b_cat = _b_cat(a, acc)
     y = torch.nn.functional.linear(xa, a.weight.to(acc), None if a.bias is None else a.bias.to(acc))
-    # In place into the fresh y: the GEMM accumulates (beta = 1) instead of a second pass.
-    y.addmm_(z, b_cat.t())
+    y += _expand(a.route, z, b_cat, r_t)
     return y.to(x.dtype), z
 
 
@@ -86,11 +88,19 @@ def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
     dp = torch.cat([dp_t, dp_taps.flatten(1)], dim=1)
     a_all = stack_down(text_A, image_A).to(acc)
     d_text_A, d_image_A = split_down(dp.t() @ xa, r_t, image_A.shape)
-    dx = (dya @ weight.to(acc)).addmm_(dp, a_all).to(x.dtype) if needs.x else x.new_empty(0)
+    dx = (dya @ weight.to(acc) + _expand(a.route, dp, a_all.t(), r_t)).to(x.dtype) if needs.x \
+        else x.new_empty(0)
     dw = (dya.t() @ xa).to(weight.dtype) if needs.weight else x.new_empty(0)
     db = dya.sum(0).to(weight.dtype) if needs.bias else x.new_empty(0)
     return Grads(dx, dw, db, d_text_A.to(text_A.dtype), d_text_B, d_image_A.to(image_A.dtype),
                  d_image_B)
+
+
+def _expand(route: Tensor, z: Tensor, w: Tensor, r_t: int) -> Tensor:
+    """``z w^T`` taken per route, ``[N, D]``: the text columns of ``z [N, R]`` / ``w [D, R]``
+    (the first ``r_t``) on text rows, the others on image rows, nothing on padding rows."""
+    text = torch.where((route == 0).unsqueeze(1), z[:, :r_t] @ w[:, :r_t].t(), 0)
+    return text + torch.where((route == 1).unsqueeze(1), z[:, r_t:] @ w[:, r_t:].t(), 0)
 
 
 def _b_cat(a: LinearInputs, acc: torch.dtype) -> Tensor:

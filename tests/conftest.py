@@ -11,6 +11,10 @@ import torch
 # before any kernel is defined (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN, not as memory that happens to be zero (fresh on a CPU, stale on
+# a GPU), so an element a kernel fails to write fails the test; one config, no autotuning.
+os.environ.setdefault("MOSS_KERNELS_POISON", "1")
+os.environ.setdefault("MOSS_TRITON_AUTOTUNE", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models are built from configs, never fetched
 
 try:  # hypothesis profiles: ``ci`` (default, bounded), ``long`` (HYPOTHESIS_PROFILE=long)

@@ -25,7 +25,8 @@ PARAMS = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
 ADAPTERS = PARAMS[3:]
 
 GPU = torch.cuda.is_available()
-#: Where the backend tests run: the GPU when there is one, else the CPU (Triton interpreted).
+#: Where the backend tests run: the GPU when there is one, else the CPU (Triton interpreted, the
+#: CUDA source emulated).
 DEVICE = "cuda" if GPU else "cpu"
 #: The backends the tests enumerate: every one that runs on DEVICE ...
 BACKENDS = mk.available_backends(DEVICE)
@@ -34,14 +35,13 @@ CPU_BACKENDS = mk.available_backends("cpu")
 #: The backends with kernels of their own (all but the reference), on DEVICE.
 FUSED = [b for b in BACKENDS if b != "reference"]
 #: Those not running in an interpreter (the large-shape tests).
-NATIVE = [b for b in FUSED if not backends.backend(b).interpreted]
+NATIVE = [b for b in FUSED if not backends.backend(b).emulated]
 
 
-def checkable(backend: str, dtype: torch.dtype) -> bool:
-    """Whether ``backend`` runs ``dtype`` and a test here can check it: the interpreter's bf16
-    dot is wrong (docs/design.md section 8), so bf16 Triton is checked on GPUs only."""
-    record = backends.backend(backend)
-    return record.supports(dtype) and not (record.interpreted and dtype == torch.bfloat16)
+def supports(backend: str, dtype: torch.dtype) -> bool:
+    """Whether ``backend`` runs ``dtype`` here (Triton's interpreter refuses bf16, which it
+    computes wrongly: bf16 Triton is checked on GPUs)."""
+    return backends.backend(backend).supports(dtype)
 
 
 #: Max |error| / max |float64 value| for each dtype: about twice what PyTorch's own GEMMs make
@@ -144,6 +144,30 @@ def special_layouts() -> list[Layout]:
         Layout((6,), [-1, -1, 0, 1, 1, -1], [(3, 1, 5, 2)]),  # padding around a 1-row image
         Layout((5,), [-1] * 5),  # all padding
     ]
+
+
+def run_layer(layout, k, causal, params, dtype, backend, device=DEVICE, scales=(1.5, 0.5),
+         grad=(-1.0, 1.0)):
+    """``moss_linear`` on ``backend``: its output and every gradient, for ``dy = linspace(*grad)``
+    (made in float64, then rounded)."""
+    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
+                                     causal=causal, cu_seqlens=layout.cu_seqlens).to(device)
+    leaves = {n: v.detach().to(device, dtype).requires_grad_()
+              for n, v in params.items() if v is not None}
+    y = mk.moss_linear(leaves["x"], leaves["weight"], leaves.get("bias"), plan,
+                       *(leaves[n] for n in ADAPTERS), *scales, backend=backend)
+    y.backward(torch.linspace(*grad, y.numel(), dtype=torch.float64).to(device, dtype).view_as(y))
+    return {"y": y.detach(), **{n: v.grad for n, v in leaves.items()}}
+
+
+def check_backend(layout, k, causal, params, dtype, backend, device=DEVICE):
+    """``backend``'s output and gradients against float64, by :func:`within_tolerance`."""
+    want = run_layer(layout, k, causal, params, torch.float64, "reference", device)
+    ref = run_layer(layout, k, causal, params, dtype, "reference", device)
+    got = run_layer(layout, k, causal, params, dtype, backend, device)
+    for name, value in got.items():
+        assert value.dtype == dtype and value.shape == want[name].shape, name
+        assert within_tolerance(value, ref[name], want[name], dtype), name
 
 
 def conv2d_formulation(x, weight, bias, layout: Layout, text_A, text_B, image_A, image_B,

@@ -1,8 +1,8 @@
 """Every fused backend against the float64 reference, on the device this machine has.
 
-Without a GPU that is the ``cpu`` backend (C++), and ``triton`` in Triton's interpreter; with
-one, ``triton`` and ``cuda`` compiled. Each is checked in the dtypes it supports that can be
-checked here (helpers.checkable); float64 gets gradcheck.
+Without a GPU that is the ``cpu`` backend (C++), ``cuda-emulated`` (the CUDA backend's source on
+CPU tensors) and ``triton`` in Triton's interpreter; with one, ``triton`` and ``cuda`` compiled.
+Each is checked in the dtypes it supports here (helpers.supports); float64 gets gradcheck.
 """
 
 import pytest
@@ -12,7 +12,6 @@ import moss_kernels as mk
 from moss_kernels import backends, reference
 
 from helpers import (
-    ADAPTERS,
     BACKENDS,
     DEVICE,
     FUSED,
@@ -21,39 +20,19 @@ from helpers import (
     PARAMS,
     TOLERANCE,
     Layout,
-    checkable,
+    check_backend,
     make_params,
     random_layout,
     rel_err,
+    run_layer,
     special_layouts,
+    supports,
     within_tolerance,
 )
 
 LAYOUTS = [random_layout(seed, p_image=0.6) for seed in range(10)] + special_layouts()
 HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
-CASES = [(b, d) for b in FUSED for d in HALF_AND_SINGLE if checkable(b, d)]
-
-
-def _run(layout, k, causal, params, dtype, backend, device=DEVICE, scales=(1.5, 0.5),
-         grad=(-1.0, 1.0)):
-    """Outputs and gradients for ``dy = linspace(*grad)`` (made in float64, then rounded)."""
-    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
-                                     causal=causal, cu_seqlens=layout.cu_seqlens).to(device)
-    leaves = {n: v.detach().to(device, dtype).requires_grad_()
-              for n, v in params.items() if v is not None}
-    y = mk.moss_linear(leaves["x"], leaves["weight"], leaves.get("bias"), plan,
-                       *(leaves[n] for n in ADAPTERS), *scales, backend=backend)
-    y.backward(torch.linspace(*grad, y.numel(), dtype=torch.float64).to(device, dtype).view_as(y))
-    return {"y": y.detach(), **{n: v.grad for n, v in leaves.items()}}
-
-
-def _check(layout, k, causal, params, dtype, backend, device=DEVICE):
-    want = _run(layout, k, causal, params, torch.float64, "reference", device)
-    ref = _run(layout, k, causal, params, dtype, "reference", device)
-    got = _run(layout, k, causal, params, dtype, backend, device)
-    for name, value in got.items():
-        assert value.dtype == dtype and value.shape == want[name].shape, name
-        assert within_tolerance(value, ref[name], want[name], dtype), name
+CASES = [(b, d) for b in FUSED for d in HALF_AND_SINGLE if supports(b, d)]
 
 
 @pytest.mark.parametrize("backend,dtype", CASES)
@@ -61,7 +40,7 @@ def _check(layout, k, causal, params, dtype, backend, device=DEVICE):
 @pytest.mark.parametrize("index", range(len(LAYOUTS)))
 def test_matches_reference_on_every_layout(index, k, causal, backend, dtype, gen):
     layout = LAYOUTS[index]
-    _check(layout, k, causal, make_params(gen, layout.n, 37, 29, 3, 5, k), dtype, backend)
+    check_backend(layout, k, causal, make_params(gen, layout.n, 37, 29, 3, 5, k), dtype, backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -69,7 +48,7 @@ def test_matches_reference_on_every_layout(index, k, causal, backend, dtype, gen
 def test_ranks(r_t, r_i, backend, gen):
     layout = random_layout(4, p_image=0.7)
     params = make_params(gen, layout.n, 24, 19, r_t, r_i, 3)
-    _check(layout, 3, True, params, torch.float32, backend)
+    check_backend(layout, 3, True, params, torch.float32, backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -81,7 +60,8 @@ def test_long_layout_crosses_row_blocks(backend, gen):
         images.append((len(route), 13, 11, 143))
         route += [1] * 143
     layout = Layout((len(route),), route, images)
-    _check(layout, 2, True, make_params(gen, layout.n, 16, 12, 3, 4, 2), torch.float32, backend)
+    params = make_params(gen, layout.n, 16, 12, 3, 4, 2)
+    check_backend(layout, 2, True, params, torch.float32, backend)
 
 
 @pytest.mark.parametrize("backend", [b for b in FUSED
@@ -101,7 +81,7 @@ def test_gradcheck_float64(backend, gen):
 def test_without_bias_and_with_frozen_x(backend, gen):
     layout = random_layout(8, p_image=0.5)
     params = make_params(gen, layout.n, 21, 18, 4, 4, 2, bias=False)
-    _check(layout, 2, True, params, torch.float32, backend)
+    check_backend(layout, 2, True, params, torch.float32, backend)
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(),
                                      cu_seqlens=layout.cu_seqlens).to(DEVICE)
     p = {n: v.to(DEVICE, torch.float32) for n, v in params.items() if v is not None}
@@ -112,13 +92,13 @@ def test_without_bias_and_with_frozen_x(backend, gen):
 
 
 @pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in HALF_AND_SINGLE
-                                           if checkable(b, d)])
+                                           if supports(b, d)])
 def test_deterministic(backend, dtype, gen):
     """Two runs give bitwise-equal outputs and gradients (no atomics, no racy reductions)."""
     layout = random_layout(6, p_image=0.8)
     params = make_params(gen, layout.n, 30, 26, 5, 7, 3)
-    first = _run(layout, 3, True, params, dtype, backend)
-    second = _run(layout, 3, True, params, dtype, backend)
+    first = run_layer(layout, 3, True, params, dtype, backend)
+    second = run_layer(layout, 3, True, params, dtype, backend)
     assert all(torch.equal(first[n], second[n]) for n in first)
 
 
@@ -133,7 +113,7 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 @pytest.mark.parametrize("backend,dtype", [
-    (b, d) for b in BACKENDS for d in (torch.float16, torch.bfloat16) if checkable(b, d)])
+    (b, d) for b in BACKENDS for d in (torch.float16, torch.bfloat16) if supports(b, d)])
 @pytest.mark.parametrize("case", sorted(RANGE_CASES))
 def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, gen):
     """Sums that fit in fp32 never overflow: outputs and gradients match float64 (the
@@ -147,7 +127,7 @@ def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, ge
     # dy of one sign: db = sum dy must not cancel, or its error would measure the rounding of
     # dy to the dtype, not the range.
     grad = (0.25 * f["dy"], f["dy"])
-    want = _run(layout, 2, True, params, torch.float64, "reference", grad=grad)
+    want = run_layer(layout, 2, True, params, torch.float64, "reference", grad=grad)
     # The premise, in float64: the intermediate passes fp16's range and every output fits.
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(),
                                      cu_seqlens=layout.cu_seqlens)
@@ -158,11 +138,11 @@ def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, ge
     assert (z if case == "taps" else dz).abs().max() > 2 * FP16_MAX
     assert all(v.abs().max() < FP16_MAX / 2 for v in want.values())
 
-    ref = _run(layout, 2, True, params, dtype, "reference", grad=grad)
+    ref = run_layer(layout, 2, True, params, dtype, "reference", grad=grad)
     for name, value in ref.items():
         assert rel_err(value, want[name]) <= TOLERANCE[dtype], name  # inf or NaN fails
     if backend != "reference":
-        got = _run(layout, 2, True, params, dtype, backend, grad=grad)
+        got = run_layer(layout, 2, True, params, dtype, backend, grad=grad)
         for name, value in got.items():
             assert value.dtype == dtype, name
             assert within_tolerance(value, ref[name], want[name], dtype), name
@@ -184,4 +164,4 @@ def test_long_runs_wide_rows(r, k, dtype, backend):
         route += [1] * min(1024, n + 700 - len(route))
     layout = Layout((len(route),), route, [(s, h, w, min(h * w, len(route) - s))
                                            for s, h, w in images])
-    _check(layout, k, True, make_params(gen, layout.n, d_in, d_out, r, r, k), dtype, backend)
+    check_backend(layout, k, True, make_params(gen, layout.n, d_in, d_out, r, r, k), dtype, backend)

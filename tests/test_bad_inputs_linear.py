@@ -92,7 +92,8 @@ errors(LINEAR, "`text_scale` / `image_scale` NaN or Inf", ValueError,
        [(dict(name=n, value=v), lambda n=n, v=v: linear(**{n: v}))
         for n in ("text_scale", "image_scale") for v in (NAN, INF, -INF)])
 error(LINEAR, "`backend` not a backend name", ValueError,
-      "backend='fast': expected one of reference, cpu, cuda, triton", lambda: linear("fast"))
+      "backend='fast': expected one of reference, cpu, cuda, triton, cuda-emulated",
+      lambda: linear("fast"))
 
 
 @behaviour(LINEAR, "`MOSS_KERNELS_BACKEND` not a backend name",
@@ -197,15 +198,22 @@ def _nan_in_x():
     nan_reaches_exactly_its_readers()
 
 
-def _nonfinite(edit) -> dict[str, torch.Tensor]:
-    """Per backend, which outputs ``[N, D_out]`` are NaN or Inf after ``edit(params)``."""
+def _nonfinite(edit, grad: bool = False) -> dict[str, torch.Tensor]:
+    """Per backend, which outputs ``[N, D_out]`` (``grad``: which entries of dx ``[N, D_in]``)
+    are NaN or Inf after ``edit(params)``."""
     plan, p = linear_inputs()
     edit(p)
+    found = {}
     with warnings.catch_warnings():  # numpy, under Triton's interpreter: "invalid value"
         warnings.simplefilter("ignore", RuntimeWarning)
-        return {name: ~mk.moss_linear(p["x"], p["weight"], p["bias"], plan,
-                                      *(p[n] for n in ADAPTERS), backend=name).isfinite()
-                for name in CPU_BACKENDS}
+        for name in CPU_BACKENDS:
+            x = p["x"].clone().requires_grad_(grad)
+            y = mk.moss_linear(x, p["weight"], p["bias"], plan, *(p[n] for n in ADAPTERS),
+                               backend=name)
+            if grad:
+                y.backward(torch.ones_like(y))
+            found[name] = ~(x.grad if grad else y).isfinite()
+    return found
 
 
 @behaviour(LINEAR, "Inf in `x[t]`",
@@ -243,14 +251,29 @@ def _nan_in_down_projection():
 
 
 @behaviour(LINEAR, "NaN / Inf in `text_B[j]` or `image_B[j]`",
-           "output column j of that adapter's tokens; the fused expand GEMM multiplies it by "
-           "the zeros of the other tokens (0 * NaN), so their column j may be NaN too, by backend")
+           "output column j of exactly that adapter's tokens (every backend: the expand is "
+           "kept to each route's rows, never a full-width `0 * NaN`)")
 def _nan_in_up_projection():
     plan, _ = linear_inputs()
     for adapter, kind in (("text_B", 0), ("image_B", 1)):
         mine = plan.route == kind
-        for name, bad in _nonfinite(lambda p, a=adapter: p[a][2, 1].fill_(NAN)).items():
-            assert bad[mine, 2].all() and not bad[:, [0, 1, 3, 4, 5]].any(), (adapter, name)
+        for value in (NAN, INF):
+            edit = lambda p, a=adapter, v=value: p[a][2, 1].fill_(v)  # noqa: E731
+            for name, bad in _nonfinite(edit).items():
+                assert torch.equal(bad[:, 2], mine), (adapter, value, name)
+                assert not bad[:, [0, 1, 3, 4, 5]].any(), (adapter, value, name)
+
+
+@behaviour(LINEAR, "NaN / Inf in `text_A[:, d]` or `image_A[:, d]`, in the backward",
+           "`x.grad` column d of exactly the tokens of that adapter's route (the transposed "
+           "expand `dP A_all` is kept to each route's rows)")
+def _nan_in_down_projection_backward():
+    plan, _ = linear_inputs()
+    for adapter, kind in (("text_A", 0), ("image_A", 1)):
+        mine = plan.route == kind
+        edit = lambda p, a=adapter: p[a][1, 4].fill_(NAN)  # noqa: E731
+        for name, bad in _nonfinite(edit, grad=True).items():
+            assert torch.equal(bad[:, 4], mine) and bad.sum() == mine.sum(), (adapter, name)
 
 
 test_row = catalogue.test()

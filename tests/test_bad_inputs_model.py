@@ -53,7 +53,7 @@ errors(CONFIG, "`image_token_ids` / `image_grid` not a list (an int, a str)", Ty
        [(dict(name=n, kind=type(v).__name__), lambda n=n, v=v: config(**{n: v}))
         for n in ("image_token_ids", "image_grid") for v in (4, "12")])
 error(CONFIG, "`backend` not a backend name", ValueError,
-      "backend: expected one of reference, cpu, cuda, triton or None, got 'fast'",
+      "backend: expected one of reference, cpu, cuda, triton, cuda-emulated or None, got 'fast'",
       lambda: config(backend="fast"))
 error(CONFIG, "`MossConfig.from_dict` of a non-dict", TypeError,
       "config: expected a dict (a JSON object), got list", lambda: config().from_dict([1]))

@@ -21,7 +21,7 @@ def test_info_reports_versions_extension_and_every_backend(capsys):
         assert needle in out
     for name in backends.BACKENDS:
         reason = backends.backend(name).unavailable
-        assert (f"{name:<10} available" if reason is None else f"unavailable: {reason}") in out
+        assert (f"{name:<14} available" if reason is None else f"unavailable: {reason}") in out
 
 
 SMALL = ["bench", "--case", "cpu-quick", "--tokens", "300", "--d-in", "48", "--d-out", "40",
@@ -32,7 +32,7 @@ def test_bench_checks_then_times_every_provider_and_reports(tmp_path, capsys):
     assert main(SMALL + ["--sweep", "rank", "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "WRONG" not in out
-    ours = [f"moss:{n}" for n in CPU_BACKENDS if not backends.backend(n).interpreted]
+    ours = [f"moss:{n}" for n in CPU_BACKENDS if not backends.backend(n).emulated]
     for provider in ["F.linear", "eager", "peft"] + ours:
         assert provider in out
     rows = list(csv.DictReader((tmp_path / "moss_bench_cpu.csv").open()))

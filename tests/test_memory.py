@@ -21,7 +21,7 @@ from moss_kernels import backends
 from moss_kernels.memory import cpu_peak_bytes
 from moss_kernels.reference import accumulation_dtype
 
-from helpers import ADAPTERS, CPU_BACKENDS, PARAMS, Layout, checkable, make_params
+from helpers import ADAPTERS, CPU_BACKENDS, PARAMS, Layout, make_params, supports
 
 D_IN, D_OUT, R, K = 24, 96, 16, 2  # K^2 R + R = 80 tap-product columns, wider than x
 
@@ -42,7 +42,7 @@ PLAN = mk.RoutingPlan.from_spans(LAYOUT.route_tensor(), LAYOUT.spans(), kernel_s
 
 
 CASES = [(b, d) for b in CPU_BACKENDS for d in (torch.float32, torch.float16, torch.bfloat16)
-         if checkable(b, d)]
+         if supports(b, d)]
 
 
 def _leaves(dtype):
@@ -116,7 +116,7 @@ def test_peak_memory_of_forward_backward_is_at_most_the_reference(backend, dtype
     """No tolerance needed: measured here, the fused backends peak at 0.84x the reference
     (fp32, cpu and triton), 0.74x (fp16, triton) and 0.67x (bf16, cpu; the reference computes
     half types on fp32 copies of x, dy and the weights)."""
-    if backends.backend(backend).interpreted:
+    if backends.backend(backend).emulated:
         request.getfixturevalue("prompt_frees")
     assert _peak(backend, dtype) <= _peak("reference", dtype)
 

@@ -1,11 +1,13 @@
 """Index arithmetic past 2^31 elements, tested without allocating them.
 
-``x`` and ``dy`` are 3-row views with a row stride S, so their last row starts 2S elements
+``x`` and ``dy`` are 17-row views with a row stride S, so their last row starts 16S elements
 after their first: past 2^31 with S below it (an int32 kernel argument whose product with a
 row index overflows int32), and past 2^32 with S above it (Triton passes an int in
-[2^31, 2^32) as uint32, whose products wrap at 2^32). The views lie over a sparse file mapped
-with ``torch.from_file``: only the pages touched become resident or reach the disk, so a
-17 GB view costs a few KB.
+[2^31, 2^32) as uint32, whose products wrap at 2^32). 17 rows, so that a GEMM reducing over the
+tokens (dA = dP^T x, dB = dy^T z) takes a second K step in the interpreter's BLOCK_K = 16: the
+step is BLOCK_K row strides, past 2^31 too (it was an int32 product once). The views lie over a
+sparse file mapped with ``torch.from_file``: only the pages touched become resident or reach the
+disk, so a 137 GB view costs a few KB.
 
 Every backend this machine has runs the ops directly, forward and backward, so that the
 strided ``dy`` reaches the backward as given (through autograd it is made contiguous first),
@@ -27,7 +29,8 @@ from moss_kernels.linear import linear_bwd, linear_fwd
 from helpers import ADAPTERS, CPU_BACKENDS, Layout, make_params, within_tolerance
 
 D_IN, D_OUT = 7, 5
-LAYOUT = Layout((3,), [1, 1, 0], [(0, 1, 2, 2)])  # a 1 x 2 image (token 1 reads token 0), text
+# Text, a 3 x 4 image (each token reads its upper and left neighbours), text.
+LAYOUT = Layout((17,), [0] * 4 + [1] * 12 + [0], [(4, 3, 4, 12)])
 SCALES = (0.5, 2.0)
 CASES = [(b, d) for b in CPU_BACKENDS for d in (torch.float32, torch.float16)
          if backends.backend(b).supports(d)]

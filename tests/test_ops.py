@@ -1,5 +1,6 @@
 """The shared custom ops: opcheck, torch.compile, backend dispatch (bad arguments:
-tests/test_bad_inputs_*.py)."""
+tests/test_bad_inputs_*.py). On the device the tests run on (helpers.DEVICE), so on a GPU the
+``cuda`` and ``triton`` backends are checked on CUDA tensors."""
 
 import pytest
 import torch
@@ -9,14 +10,20 @@ import moss_kernels as mk
 from moss_kernels import backends
 from moss_kernels.linear import linear_bwd, linear_fwd
 
-from helpers import ADAPTERS, CPU_BACKENDS, PARAMS, make_params, random_layout, special_layouts
+from helpers import ADAPTERS, BACKENDS, DEVICE, PARAMS, make_params, random_layout, special_layouts
 
 
 def _setup(gen, dtype=torch.float32, seed=11, k=2, bias=True):
     layout = random_layout(seed, p_image=0.6)
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
-                                     cu_seqlens=layout.cu_seqlens)
-    return layout, plan, make_params(gen, layout.n, 9, 6, 3, 4, k, dtype=dtype, bias=bias)
+                                     cu_seqlens=layout.cu_seqlens).to(DEVICE)
+    p = make_params(gen, layout.n, 9, 6, 3, 4, k, dtype=dtype, bias=bias)
+    return layout, plan, {n: None if v is None else v.to(DEVICE) for n, v in p.items()}
+
+
+def _transposed(t):
+    """The same values in a column-major layout (a non-contiguous view)."""
+    return t.t().contiguous().t()
 
 
 def _fwd_args(p, plan, backend, x=None):
@@ -24,7 +31,7 @@ def _fwd_args(p, plan, backend, x=None):
             p["image_A"], p["image_B"], plan.route, plan.nbr, plan.nbr_t, 0.5, 2.0, backend)
 
 
-@pytest.mark.parametrize("backend,dtype", [(b, d) for b in CPU_BACKENDS for d in (
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in (
     torch.float32, torch.float64) if backends.backend(b).supports(d)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_forward(gen, dtype, bias, backend):
@@ -33,15 +40,19 @@ def test_opcheck_forward(gen, dtype, bias, backend):
         p[name].requires_grad_()
     torch.library.opcheck(linear_fwd, _fwd_args(p, plan, backend))
     # A non-contiguous x (a transposed copy) must give the same answer.
-    x_t = p["x"].t().contiguous().t()
-    torch.library.opcheck(linear_fwd, _fwd_args(p, plan, backend, x=x_t))
+    torch.library.opcheck(linear_fwd, _fwd_args(p, plan, backend, x=_transposed(p["x"])))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_opcheck_backward(gen, backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck_backward(gen, backend, layout):
+    """Also with x and the weight column-major: the fake implementations must give the
+    gradients the strides the kernels give them (dense row-major), or Inductor miscompiles."""
     _, plan, p = _setup(gen)
+    if layout == "transposed":
+        p["x"], p["weight"] = _transposed(p["x"]), _transposed(p["weight"])
     y, z = linear_fwd(*_fwd_args(p, plan, backend))
-    dy = torch.randn(y.shape, generator=gen).expand_as(y)
+    dy = torch.randn(y.shape, generator=gen).to(DEVICE).expand_as(y)
     for need in [(True, True, True), (False, False, False), (True, False, True)]:
         args = (dy.contiguous(), p["x"], p["weight"], p["text_A"], p["text_B"], p["image_A"],
                 p["image_B"], z, plan.route, plan.nbr_t, 0.5, 2.0, *need, backend)
@@ -61,8 +72,9 @@ def test_backward_accepts_an_expanded_gradient(gen):
     assert torch.equal(x.grad, x2.grad)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_torch_compile_fullgraph_parity(gen, backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_torch_compile_fullgraph_parity(gen, backend, layout):
     _, plan, p = _setup(gen)
 
     def step(x, weight, bias, text_A, text_B, image_A, image_B):
@@ -73,6 +85,8 @@ def test_torch_compile_fullgraph_parity(gen, backend):
     grads = []
     for fn in (step, torch.compile(step, fullgraph=True, backend="inductor")):
         leaves = [p[n].clone().requires_grad_(n != "weight") for n in PARAMS]
+        if layout == "transposed":  # dx of a column-major x: what the fake said it would be
+            leaves[0] = _transposed(leaves[0].detach()).requires_grad_()
         out = fn(*leaves)
         out.square().sum().backward()
         grads.append([out.detach()] + [v.grad for v in leaves if v.requires_grad])
@@ -94,10 +108,10 @@ def test_leading_dims_flatten(gen):
 
 # ------------------------------------------------------------------------- backend dispatch
 def _auto(device_type: str, dtype=torch.float32) -> str:
-    """What `auto` must pick: the available, non-interpreted backend with the highest
+    """What `auto` must pick: the available, non-emulated backend with the highest
     preference that runs there."""
     runs = [backends.backend(n) for n in mk.available_backends(device_type)]
-    return max((b for b in runs if not b.interpreted and b.supports(dtype)),
+    return max((b for b in runs if not b.emulated and b.supports(dtype)),
                key=lambda b: b.preference).name
 
 

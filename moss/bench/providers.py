@@ -176,8 +176,8 @@ def available_providers(device: torch.device, with_compile: bool = True
     else:
         skipped["compile:*"] = "left out (--no-compile)"
     for name in mk.available_backends(device):
-        if backends.backend(name).interpreted:
-            skipped[f"moss:{name}"] = "interpreted (timings would mean nothing)"
+        if backends.backend(name).emulated:
+            skipped[f"moss:{name}"] = "emulated on the CPU (timings would mean nothing)"
         else:
             found.append(Provider(f"moss:{name}", _moss(name), ours=True))
     return found, skipped

@@ -14,10 +14,16 @@ The MOSS layer uses it three times (``C = R_t + K*K*R_i`` columns of tap product
 * backward      ``dx = dy @ W + dP @ A_all``: the transposed convolution (already gathered
   into dP in rank space) folded into the ``dy W`` GEMM the same way.
 
-Operands are read through their strides, so transposed views (``W^T``) cost nothing. Rows and
-columns are offset in int64 (N * D can pass 2^31). Out-of-range rows and columns are read
-modulo M / N (always in bounds, no load masks on the hot loop) and masked at the store, as in
-Triton's matmul tutorial; only the K tail is masked.
+In the last two the second product runs on the finite part of the adapter weights (pack.py), and
+with ``POISON`` the epilogue puts NaN back on exactly the rows of the route whose weight column
+held a NaN or Inf (``bad [2, N]`` flags, ``route`` of the M rows): a full-width product would put
+0 * NaN on every other route's rows too (docs/design.md section 3).
+
+Operands are read through their strides, so transposed views (``W^T``) cost nothing. Rows,
+columns and the K steps are offset in int64 (N * D can pass 2^31, and so can BLOCK_K row
+strides of a transposed operand). Out-of-range rows and columns are read modulo M / N (always in
+bounds, no load masks on the hot loop) and masked at the store, as in Triton's matmul tutorial;
+only the K tail is masked.
 
 Operands of different dtypes (an fp32 rank-space intermediate: z, and for fp16 inputs also P, dz
 and dP, times a half-precision weight or activation) meet in a bf16 dot when the half type is
@@ -27,7 +33,13 @@ out at 65504, which tap products and their routed sums can pass while the layer'
 the fp16 dot it replaces. tf32 runs at half the fp16 tensor-core rate; in the fused y and dx
 GEMMs that touches only the second, R-long reduction.
 
-Autotuning runs only on a GPU; the interpreter (TRITON_INTERPRET=1) gets one small config.
+Autotuning runs only on a GPU, keyed on sizes bucketed to powers of two (a new batch length
+re-benchmarks, with a device sync, only when it crosses a power of two, and CUDA-graph capture
+of a step is not broken by a first-seen length). ``MOSS_TRITON_AUTOTUNE=0`` runs one config
+without benchmarking (tests, the GPU check); the interpreter (TRITON_INTERPRET=1) always does.
+``MOSS_KERNELS_POISON=1`` starts every output as NaN instead of uninitialised memory, so that an
+element a kernel fails to write shows (the tests set it: on a CPU fresh memory is zero, on a GPU
+it is stale).
 """
 
 from __future__ import annotations
@@ -39,19 +51,37 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("MOSS_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+POISON = os.environ.get("MOSS_KERNELS_POISON") == "1"
+
+#: Tile shapes to autotune over on a GPU (Hopper-sized first): BLOCK_M, BLOCK_N, BLOCK_K,
+#: num_warps, num_stages.
+SHAPES = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+          (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4)]
+#: The one used without autotuning on a GPU: fits every size, no shared-memory extreme.
+DEFAULT_SHAPE = (128, 128, 64, 8, 4)
 
 
-def configs() -> list[triton.Config]:
-    """Tile shapes to autotune over on a GPU (Hopper-sized first); one when interpreting."""
+def configs(autotune: bool = AUTOTUNE) -> list[triton.Config]:
+    """Tile shapes to autotune over; one without autotuning (small when interpreting)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4),
-    ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
+                          num_warps=w, num_stages=s)
+            for m, n, k, w, s in (SHAPES if autotune else [DEFAULT_SHAPE])]
+
+
+def bucket(n: int) -> int:
+    """What the autotuner keys on instead of a size: its power-of-two ceiling."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A kernel's output: uninitialised, or NaN under MOSS_KERNELS_POISON=1."""
+    if POISON and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -60,10 +90,12 @@ def _accumulate(acc, a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_b
     """acc += A[rows, :K] @ B[:K, cols], BLOCK_K at a time."""
     offs_k = tl.arange(0, BLOCK_K)
     # int64 like rows and cols: a transposed operand (dy^T, dP^T) steps K by a row stride,
-    # which a view may make large enough that BLOCK_K of them pass 2^31.
+    # which a view may make large enough that BLOCK_K of them pass 2^31: the offsets and the
+    # steps are int64 products (an int32 one wraps).
     k64 = offs_k.to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak
     b_ptrs = b_ptr + k64[:, None] * stride_bk + cols[None, :] * stride_bn
+    step = tl.full((), BLOCK_K, tl.int64)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
@@ -78,8 +110,8 @@ def _accumulate(acc, a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_b
             acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)  # bf16: fp32's range
         else:
             acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += step * stride_ak
+        b_ptrs += step * stride_bk
     return acc
 
 
@@ -88,14 +120,17 @@ def _gemm_kernel(
     a_ptr, b_ptr,            # A [M, K], B [K, N]
     a2_ptr, b2_ptr,          # A2 [M, K2], B2 [K2, N] (read only if HAS_A2)
     bias_ptr,                # [N] (read only if HAS_BIAS)
-    route_ptr,               # [M] int8 token routes (read only if ROUTE_SKIP)
+    route_ptr,               # [M] int8 token routes (read only if ROUTE_SKIP or POISON)
+    bad_ptr,                 # [2, N] uint8: route r's weight column j held a NaN / Inf (POISON)
     out_ptr,                 # [M, N]
     M, N, K, K2,
     R_T,                     # ROUTE_SKIP: columns < R_T are text columns, the rest tap columns
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_om, stride_on,
+    M_BUCKET, N_BUCKET, K_BUCKET, K2_BUCKET,  # what autotuning is keyed on (unused otherwise)
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_SKIP: tl.constexpr,
+    POISON: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 operands only)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -130,13 +165,21 @@ def _gemm_kernel(
                               stride_b2k, stride_b2n, BLOCK_K, PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        if POISON:
+            row_route = tl.load(route_ptr + offs_m, mask=offs_m < M, other=-1)
+            bad_text = tl.load(bad_ptr + cols) != 0
+            bad_image = tl.load(bad_ptr + N + cols) != 0
+            bad = (((row_route == 0)[:, None] & bad_text[None, :])
+                   | ((row_route == 1)[:, None] & bad_image[None, :]))
+            acc = tl.where(bad, float("nan"), acc)
         out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# With a single config (the interpreter) autotune launches it without benchmarking.
-_gemm = triton.autotune(configs=configs(), key=["M", "N", "K", "K2", "HAS_A2", "ROUTE_SKIP"])(
+# With a single config autotune launches it without benchmarking.
+_gemm = triton.autotune(configs=configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "K2_BUCKET",
+                                                "HAS_A2", "HAS_BIAS", "ROUTE_SKIP", "POISON"])(
     _gemm_kernel)
 
 
@@ -147,26 +190,31 @@ def precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def launch_gemm(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor | None = None,
-         b2: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         route: torch.Tensor | None = None, r_t: int = 0,
-         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                b2: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                route: torch.Tensor | None = None, r_t: int = 0,
+                out_dtype: torch.dtype | None = None,
+                poison: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``a @ b (+ a2 @ b2) (+ bias)`` in ``out_dtype`` (default ``a.dtype``); with ``route``,
-    the tap-product skipping."""
+    the tap-product skipping; with ``poison = (route, bad)``, NaN where ``bad[route[row]]``."""
     m, k = a.shape
     n = b.shape[1]
-    out = torch.empty(m, n, dtype=out_dtype or a.dtype, device=a.device)
+    out = empty(m, n, dtype=out_dtype or a.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     has_a2 = a2 is not None and a2.shape[1] > 0
     a2_, b2_ = (a2, b2) if has_a2 else (a, b)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    k2 = a2_.shape[1] if has_a2 else 0
+    rows, bad = poison if poison is not None else (route, None)
     _gemm[grid](
-        a, b, a2_, b2_, a if bias is None else bias, a if route is None else route, out,
-        m, n, k, a2_.shape[1] if has_a2 else 0, r_t,
+        a, b, a2_, b2_, a if bias is None else bias, a if rows is None else rows,
+        a if bad is None else bad, out,
+        m, n, k, k2, r_t,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
         out.stride(0), out.stride(1),
+        bucket(m), bucket(n), bucket(k), bucket(k2),
         HAS_A2=has_a2, HAS_BIAS=bias is not None, ROUTE_SKIP=route is not None,
-        PRECISION=precision(a.dtype, a.device),
+        POISON=poison is not None, PRECISION=precision(a.dtype, a.device),
     )
     return out

@@ -1,0 +1,54 @@
+"""Triton launch settings that only a GPU would feel, checked where a CPU can: autotuning keyed
+on bucketed sizes, the switch that turns it off, and outputs poisoned with NaN in tests. (The
+kernels' correctness: tests/test_backends.py, in the interpreter; their compilation for sm_90:
+tests/test_triton_compile.py.)"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+gemm = pytest.importorskip("moss_kernels.triton.gemm")
+
+
+def test_autotuning_is_keyed_on_bucketed_sizes_not_token_counts():
+    """Every new batch length would otherwise re-benchmark every config with a device sync
+    (and break CUDA-graph capture of a step)."""
+    keys = set(gemm._gemm.keys)
+    assert not keys & {"M", "N", "K", "K2"}, keys
+    assert {"M_BUCKET", "N_BUCKET", "K_BUCKET", "K2_BUCKET"} <= keys
+    assert gemm.bucket(1000) == gemm.bucket(1001) == gemm.bucket(1024) == 1024
+    assert gemm.bucket(1025) == 2048 and gemm.bucket(0) == gemm.bucket(1) == 1
+
+
+@pytest.mark.parametrize("setting,configs", [(None, len(gemm.SHAPES)), ("0", 1), ("1", 8)])
+def test_autotuning_can_be_switched_off(setting, configs):
+    """MOSS_TRITON_AUTOTUNE=0: one config and no benchmarking (read at import, on a GPU; the
+    interpreter always runs one config)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "MOSS_TRITON_AUTOTUNE")}
+    if setting is not None:
+        env["MOSS_TRITON_AUTOTUNE"] = setting
+    done = subprocess.run([sys.executable, "-c", "from moss_kernels.triton import gemm; "
+                           "print(len(gemm._gemm.configs))"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == configs
+
+
+def test_the_tests_run_with_poisoned_outputs():
+    """conftest.py sets MOSS_KERNELS_POISON=1: what the route-skipping GEMM leaves unwritten
+    (text columns of image-only tiles, tap columns of text-only ones) is NaN, not the zeros of
+    fresh CPU memory, so every backend test would see a kernel that reads it."""
+    assert gemm.POISON
+    block = gemm.configs()[0].kwargs["BLOCK_M"]  # tiles of `block` rows and columns here
+    x, a = torch.randn(2 * block, 8), torch.randn(8, 2 * block)
+    route = torch.tensor([1] * block + [0] * block, dtype=torch.int8)  # image tile, text tile
+    p = gemm.launch_gemm(x, a, route=route, r_t=block)  # text columns first, then the taps
+    want = x @ a
+    assert p[:block, :block].isnan().all() and p[block:, block:].isnan().all()  # skipped
+    torch.testing.assert_close(p[:block, block:], want[:block, block:])
+    torch.testing.assert_close(p[block:, :block], want[block:, :block])
