@@ -60,31 +60,11 @@ struct CudaDev {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
-    double text_scale, double image_scale) {
-  return composition::forward(CudaDev{}, x, weight, bias, text_A, text_B, image_A, image_B,
-                              route, nbr, text_scale, image_scale);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-              const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-              const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
-              const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
-              bool need_dweight, bool need_dbias) {
-  return composition::backward(CudaDev{}, dy, x, weight, text_A, text_B, image_A, image_B, z,
-                               route, nbr_t, text_scale, image_scale, need_dx, need_dweight,
-                               need_dbias);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moss, CUDA, m) {
-  m.impl("_ext_linear_fwd", &forward_cuda);
-  m.impl("_ext_linear_bwd", &backward_cuda);
+  m.impl("_ext_linear_fwd", &composition::forward_op<CudaDev>);
+  m.impl("_ext_linear_bwd", &composition::backward_op<CudaDev>);
 }
 
 }  // namespace moss

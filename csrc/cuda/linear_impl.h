@@ -146,5 +146,27 @@ backward(const Dev& dev, const at::Tensor& dy_in, const at::Tensor& x, const at:
   return {dx, dw, db, d_text_A, d_text_B, d_image_A, d_image_B};
 }
 
+// The two ops' kernels for a device, as TORCH_LIBRARY_IMPL registers them.
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor> forward_op(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
+    double text_scale, double image_scale) {
+  return forward(Dev{}, x, weight, bias, text_A, text_B, image_A, image_B, route, nbr,
+                 text_scale, image_scale);
+}
+
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+            const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+            const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
+            const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
+            bool need_dweight, bool need_dbias) {
+  return backward(Dev{}, dy, x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
+                  text_scale, image_scale, need_dx, need_dweight, need_dbias);
+}
+
 }  // namespace composition
 }  // namespace moss

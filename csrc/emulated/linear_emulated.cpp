@@ -114,26 +114,6 @@ struct EmulatedDev {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> forward_emulated(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
-    double text_scale, double image_scale) {
-  return composition::forward(EmulatedDev{}, x, weight, bias, text_A, text_B, image_A, image_B,
-                              route, nbr, text_scale, image_scale);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_emulated(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                  const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-                  const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
-                  const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
-                  bool need_dweight, bool need_dbias) {
-  return composition::backward(EmulatedDev{}, dy, x, weight, text_A, text_B, image_A, image_B,
-                               z, route, nbr_t, text_scale, image_scale, need_dx, need_dweight,
-                               need_dbias);
-}
-
 }  // namespace
 
 std::vector<int64_t> emulated_configure(int64_t max_blocks, int64_t threads, bool check_writes) {
@@ -146,8 +126,8 @@ std::vector<int64_t> emulated_configure(int64_t max_blocks, int64_t threads, boo
 }
 
 TORCH_LIBRARY_IMPL(moss, CPU, m) {
-  m.impl("_emulated_linear_fwd", &forward_emulated);
-  m.impl("_emulated_linear_bwd", &backward_emulated);
+  m.impl("_emulated_linear_fwd", &composition::forward_op<EmulatedDev>);
+  m.impl("_emulated_linear_bwd", &composition::backward_op<EmulatedDev>);
 }
 
 }  // namespace moss

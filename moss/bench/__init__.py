@@ -27,6 +27,7 @@ from ..info import hardware
 from .cases import CPU_CASE, MODEL_CASES, QUICK_CASE, SWEEPS, Case, sweep
 from .providers import available_providers
 from .report import add_speedups, append_csv, format_table, plot
+from .roofline import measure
 from .runner import MODES, run_case
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the small cpu-quick case and fewer rounds (under 2 minutes on 2 cores)")
     p.add_argument("--no-compile", action="store_true",
                    help="leave out the torch.compile providers")
+    p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the matmul rate and copy bandwidth first and show each time's "
+                        "roofline (default: on a GPU)")
     p.add_argument("--out", type=Path, default=Path("moss-bench-results"),
                    help="folder for the CSV (appended) and the plots (default: %(default)s)")
 
@@ -118,32 +122,39 @@ def main(args: argparse.Namespace) -> int:
         cases += [c for c in sweep(base, name) if c not in cases]
 
     found, skipped = available_providers(device, with_compile=not args.no_compile)
+    alts = [p.name for p in found if not p.floor and not p.ours]
     print(f"moss bench on {hardware()}, torch {torch.__version__}, {dtype}; {len(cases)} "
           f"case(s), medians of {reps} interleaved rounds after {warmup} warm-up")
     print("providers: " + ", ".join(p.name for p in found))
     for name, why in skipped.items():
         print(f"  not run: {name}: {why}")
+    ceilings = None
+    if args.roofline if args.roofline is not None else gpu:
+        ceilings = measure(device, dtype)
+        print(f"ceilings measured here: {ceilings.describe()} (roofline: the longer of a row's "
+              f"FLOPs and bytes at these rates)")
 
     from tqdm import tqdm
 
-    rows, wrong = [], {}
+    context = {"date": datetime.date.today().isoformat(), "git": _git_sha(),
+               "hardware": hardware(), "torch": torch.__version__, "device": device.type,
+               "threads": torch.get_num_threads() if not gpu else os.cpu_count()}
+    rows, wrong, csv_path = [], {}, None
     with tqdm(total=len(cases) * (reps + warmup), desc="rounds", file=sys.stderr,
               disable=None) as bar:
         for case in cases:
             bar.set_postfix_str(case.label())
             case_rows, failures = run_case(case, found, device, dtype, reps, warmup,
-                                           modes=args.modes, progress=bar, log=bar.write)
+                                           modes=args.modes, progress=bar, log=bar.write,
+                                           ceilings=ceilings)
+            add_speedups(case_rows, alts)
+            # Each case's rows are written as it finishes: a run cut short keeps them.
+            if case_rows:
+                csv_path = append_csv(args.out / f"moss_bench_{device.type}.csv", case_rows,
+                                      context)
             rows += case_rows
             wrong.update({f"{p} on {case.label()}": why for p, why in failures.items()})
-    alts = add_speedups(rows)
-    for case in cases:
-        print(f"\n{case.label()}")
-        print(format_table([r for r in rows if _same_case(r, case)], alts))
-
-    context = {"date": datetime.date.today().isoformat(), "git": _git_sha(),
-               "hardware": hardware(), "torch": torch.__version__, "device": device.type,
-               "threads": torch.get_num_threads() if not gpu else os.cpu_count()}
-    csv_path = append_csv(args.out / f"moss_bench_{device.type}.csv", rows, context)
+            bar.write(f"\n{case.label()}\n{format_table(case_rows, alts)}")
     print(f"\nappended {len(rows)} rows to {csv_path}")
     for name in sweeps:
         field = SWEEPS[name][0]

@@ -50,12 +50,17 @@ class Case:
         return {"forward": base + adapter, "backward": base + 2 * adapter,
                 "forward+backward": 2 * base + 3 * adapter}[mode]
 
-    def bytes(self, mode: str, itemsize: int) -> int:
-        """Compulsory traffic of the floor: read x and W, write y (and for the backward read dy
-        and W, write dx). Achieved GB/s against it tells how close a provider runs to memory."""
-        n = self.tokens
+    def bytes(self, mode: str, itemsize: int, with_adapter: bool = False) -> int:
+        """Compulsory traffic: read x and W, write y (for the backward read dy and W, write
+        dx), and with the adapter read its weights ``A_all [R + K^2 R, D_in]`` and
+        ``Bcat [D_out, 2R]`` (for the backward also write their gradients). Rank-space
+        intermediates (P, z, dz, dP: N * (R + K^2 R) values) are not compulsory: a fused kernel
+        keeps them on chip. Achieved GB/s against it tells how close a provider runs to memory."""
+        n, r, kk = self.tokens, self.rank, self.kernel_size ** 2
         fwd = (n * self.d_in + self.d_in * self.d_out + n * self.d_out) * itemsize
-        return {"forward": fwd, "backward": fwd, "forward+backward": 2 * fwd}[mode]
+        weights = ((r + kk * r) * self.d_in + 2 * r * self.d_out) * itemsize if with_adapter else 0
+        return {"forward": fwd + weights, "backward": fwd + 2 * weights,
+                "forward+backward": 2 * fwd + 3 * weights}[mode]
 
 
 # Shapes of real models' adapted projections (hidden size -> output) and their image grids.

@@ -7,11 +7,9 @@ import math
 from pathlib import Path
 
 
-def add_speedups(rows: list[dict]) -> list[str]:
-    """For each row, ``x_<alt>`` = the alternative's median / this row's median, for every
-    non-floor provider that is not ours (same case and mode). Returns the alternatives."""
-    alts = sorted({r["provider"] for r in rows
-                   if r["provider"] != "F.linear" and not r["provider"].startswith("moss:")})
+def add_speedups(rows: list[dict], alts: list[str]) -> None:
+    """For each row, ``x_<alt>`` = the alternative's median / this row's median (same case and
+    mode), for each alternative provider ``alts`` (NaN where it was not timed)."""
     index = {(r["name"], r["tokens"], r["rank"], r["kernel_size"], r["image_fraction"],
               r["mode"], r["provider"]): r["median_ms"] for r in rows}
     for r in rows:
@@ -19,18 +17,23 @@ def add_speedups(rows: list[dict]) -> list[str]:
         for alt in alts:
             other = index.get((*key, alt))
             r[f"x_{alt}"] = other / r["median_ms"] if other else float("nan")
-    return alts
 
 
 def format_table(rows: list[dict], alts: list[str]) -> str:
+    """The rows as a table; with a roofline (``roofline_ms`` in the rows) its time and the
+    measured time over it beside each median."""
+    roof = bool(rows) and "roofline_ms" in rows[0]
     head = (f"{'provider':<20} {'mode':<16} {'median ms':>10} {'p20':>9} {'p80':>9} "
-            f"{'x floor':>8} {'TFLOP/s':>8} {'saved MB':>9} {'peak MB':>9} {'peak/ref':>8}"
+            + (f"{'roof ms':>9} {'x roof':>7} " if roof else "")
+            + f"{'x floor':>8} {'TFLOP/s':>8} {'saved MB':>9} {'peak MB':>9} {'peak/ref':>8}"
             + "".join(f" {'vs ' + a:>18}" for a in alts))
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['provider']:<20} {r['mode']:<16} {r['median_ms']:>10.3f} {r['p20_ms']:>9.3f} "
-            f"{r['p80_ms']:>9.3f} {r['ratio_to_floor']:>7.3f}x {r['tflops']:>8.3f} "
+            f"{r['p80_ms']:>9.3f} "
+            + (f"{r['roofline_ms']:>9.3f} {r['x_roofline']:>6.2f}x " if roof else "")
+            + f"{r['ratio_to_floor']:>7.3f}x {r['tflops']:>8.3f} "
             f"{r['saved_mb']:>9.1f} {r['peak_mb']:>9.1f} {r['peak_vs_reference']:>8.2f}"
             + "".join(f" {_speedup(r.get('x_' + a)) if r['provider'] != 'F.linear' else '':>18}"
                       for a in alts))

@@ -25,6 +25,7 @@ from moss_kernels.memory import cpu_peak_bytes
 
 from .cases import Case, layout
 from .providers import IMAGE_SCALE, NAMES, TEXT_SCALE, Provider, make_problem
+from .roofline import Ceilings
 
 MODES = ("forward", "backward", "forward+backward")
 ADAPTERS = NAMES[3:]
@@ -90,10 +91,11 @@ def check(provider: Provider, fn: Callable, master: dict, dtype, dy, want: dict)
 
 
 def run_case(case: Case, providers: list[Provider], device: torch.device, dtype: torch.dtype,
-             reps: int, warmup: int, modes=MODES, progress=None,
-             log=print) -> tuple[list[dict], dict[str, str]]:
+             reps: int, warmup: int, modes=MODES, progress=None, log=print,
+             ceilings: Ceilings | None = None) -> tuple[list[dict], dict[str, str]]:
     """Rows for every timed (provider, mode), and {provider: what is wrong} for those that
-    failed the float64 check (never timed)."""
+    failed the float64 check (never timed). With ``ceilings``, each row's roofline time
+    (``roofline_ms``) and the measured median over it (``x_roofline``)."""
     # Fresh compile caches per case: the eager formulation's Python loop over images recompiles
     # for every layout, and past dynamo's recompile limit (8) the compile:* providers would
     # silently run eager for the rest of a sweep.
@@ -151,13 +153,15 @@ def run_case(case: Case, providers: list[Provider], device: torch.device, dtype:
         if p.floor:
             floor[mode] = med
         itemsize = torch.tensor([], dtype=dtype).element_size()
+        flops, nbytes = case.flops(mode, not p.floor), case.bytes(mode, itemsize, not p.floor)
+        roof = {} if ceilings is None else {"roofline_ms": ceilings.seconds(flops, nbytes) * 1e3,
+                                            "x_roofline": med / ceilings.seconds(flops, nbytes)}
         rows.append({
             **{k: v for k, v in vars(case).items() if k != "grid"},
             "grid": f"{case.grid[0]}x{case.grid[1]}", "dtype": str(dtype).split(".")[-1],
             "provider": p.name, "mode": mode, "median_ms": med * 1e3, "p20_ms": q[1] * 1e3,
             "p80_ms": q[7] * 1e3,
-            "tflops": case.flops(mode, not p.floor) / med / 1e12,
-            "gbps": case.bytes(mode, itemsize) / med / 1e9,
+            **roof, "tflops": flops / med / 1e12, "gbps": nbytes / med / 1e9,
             "saved_mb": saved[p.name] / 2**20 if mode != "forward" else 0.0,
             "peak_mb": peaks[i] / 2**20,
         })

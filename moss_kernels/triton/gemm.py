@@ -55,11 +55,14 @@ AUTOTUNE = os.environ.get("MOSS_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 POISON = os.environ.get("MOSS_KERNELS_POISON") == "1"
 
 #: Tile shapes to autotune over on a GPU (Hopper-sized first): BLOCK_M, BLOCK_N, BLOCK_K,
-#: num_warps, num_stages.
+#: num_warps, num_stages. Those whose buffers would not fit a block's shared memory for the
+#: operands' dtypes are pruned before a launch benchmarks them (:func:`fitting`).
 SHAPES = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
           (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4)]
-#: The one used without autotuning on a GPU: fits every size, no shared-memory extreme.
-DEFAULT_SHAPE = (128, 128, 64, 8, 4)
+#: The one used without autotuning on a GPU: fits every dtype (fp32 operands: 196,608 bytes).
+DEFAULT_SHAPE = (128, 128, 64, 8, 3)
+#: Shared memory one block may use on sm_90 (the H200), bytes.
+SHARED_LIMIT = 232_448
 
 
 def configs(autotune: bool = AUTOTUNE) -> list[triton.Config]:
@@ -70,6 +73,30 @@ def configs(autotune: bool = AUTOTUNE) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
                           num_warps=w, num_stages=s)
             for m, n, k, w, s in (SHAPES if autotune else [DEFAULT_SHAPE])]
+
+
+def shared_bytes(kwargs: dict, num_stages: int, dtypes: tuple[torch.dtype, ...]) -> int:
+    """The software pipeline's buffers for operands of ``dtypes`` (A, B, A2, B2):
+    ``num_stages`` A and B tiles of the larger K loop, and for a loop that meets fp16 with fp32
+    (converted to fp32 in registers) one more B tile. compile_check checks every config's
+    compiled figure against this one."""
+    m, n, k = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"]
+
+    def loop(x: torch.dtype, y: torch.dtype) -> int:
+        mixed = {x, y} == {torch.float16, torch.float32}
+        return (num_stages * (m * k * x.itemsize + k * n * y.itemsize)
+                + (k * n * y.itemsize if mixed else 0))
+
+    return max(loop(dtypes[0], dtypes[1]), loop(dtypes[2], dtypes[3]))
+
+
+def fitting(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    """The configs whose buffers fit a block's shared memory for these operands' dtypes (a
+    larger one fails at launch: fp32 operands in 128 x 256 x 64 tiles, 3 stages, need 294,912
+    bytes); the smallest if none does."""
+    dtypes = tuple(named_args[p].dtype for p in ("a_ptr", "b_ptr", "a2_ptr", "b2_ptr"))
+    fit = [c for c in configs if shared_bytes(c.kwargs, c.num_stages, dtypes) <= SHARED_LIMIT]
+    return fit or [min(configs, key=lambda c: shared_bytes(c.kwargs, c.num_stages, dtypes))]
 
 
 def bucket(n: int) -> int:
@@ -177,10 +204,10 @@ def _gemm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# With a single config autotune launches it without benchmarking.
+# With a single config autotune launches it without benchmarking (or pruning).
 _gemm = triton.autotune(configs=configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "K2_BUCKET",
-                                                "HAS_A2", "HAS_BIAS", "ROUTE_SKIP", "POISON"])(
-    _gemm_kernel)
+                                                "HAS_A2", "HAS_BIAS", "ROUTE_SKIP", "POISON"],
+                        prune_configs_by={"early_config_prune": fitting})(_gemm_kernel)
 
 
 def precision(dtype: torch.dtype, device: torch.device) -> str:

@@ -1,0 +1,26 @@
+"""bench/gpu_check.sh, the one prepared run for a lent GPU, in its CPU dry run: every step's
+logic runs (smoke test on the CPU's fused backends, a test subset under xdist and timeouts, a
+small benchmark with its roofline), and the summary closes the output."""
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("env", "build", "smoke-memcheck", "smoke", "tests", "bench")
+
+
+def test_the_dry_run_passes_every_step_and_ends_with_the_summary(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    summary = done.stdout[done.stdout.index("== summary (dry run"):].splitlines()
+    assert [line.split()[0] for line in summary[1:1 + len(STEPS)]] == list(STEPS)
+    assert all(line.split()[1] == "pass" for line in summary[1:1 + len(STEPS)])
+    assert "cases within tolerance" in done.stdout and "x roofline" in done.stdout
+    assert summary[-1] == "verdict: every step passed"
+    # At most 8 files: what the device tool brings back.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench.log", "build.log", "env.txt", "moss_bench_cpu.csv", "smoke.log", "summary.txt",
+        "tests.log"]
