@@ -1,6 +1,8 @@
 """The smoke test of bench/gpu_check.sh: every fused backend on the device x fp32 / fp16 / bf16 x
 K = 1, 2, 3, forward and backward, against float64, with every kernel output starting as NaN
-(MOSS_KERNELS_POISON=1), so that an element a kernel fails to write, or writes wrong, fails.
+(MOSS_KERNELS_POISON=1), so that an element a kernel fails to write, or writes wrong, fails;
+and per backend and dtype, a NaN in one route's adapter must reach exactly that route's rows
+(``text_B`` in the forward, ``image_A`` in dx).
 
     python bench/gpu_smoke.py --size tiny     (a few hundred tokens: fast under compute-sanitizer)
     python bench/gpu_smoke.py --size large    (Chameleon-sized rows, 32 x 32 images)
@@ -38,7 +40,9 @@ SIZES = {  # tokens, D_in, D_out, rank, grid
 NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
 
 
-def run(case: Case, k: int, dtype: torch.dtype, backend: str, device: torch.device) -> dict:
+def run(case: Case, k: int, dtype: torch.dtype, backend: str, device: torch.device,
+        edit=None) -> dict:
+    """Output and every gradient; ``edit(leaves)`` may change the inputs first."""
     route, spans = layout(case, device)
     plan = mk.RoutingPlan.from_spans(route, spans, kernel_size=k)
     gen = torch.Generator().manual_seed(k)
@@ -47,13 +51,34 @@ def run(case: Case, k: int, dtype: torch.dtype, backend: str, device: torch.devi
               (case.d_out, case.rank)]
     scale = [1.0, case.d_in ** -0.5, 1.0, case.d_in ** -0.5, case.rank ** -0.5,
              (k * k * case.d_in) ** -0.5, case.rank ** -0.5]
-    leaves = {n: (torch.randn(*s, generator=gen) * c).to(device, dtype).requires_grad_()
+    leaves = {n: (torch.randn(*s, generator=gen) * c).to(device, dtype)
               for n, s, c in zip(NAMES, shapes, scale)}
+    if edit is not None:
+        edit(leaves)
+    leaves = {n: v.requires_grad_() for n, v in leaves.items()}
     y = mk.moss_linear(*(leaves[n] for n in NAMES[:3]), plan, *(leaves[n] for n in NAMES[3:]),
                        1.5, 0.5, backend=backend)
     dy = torch.randn(y.shape, generator=gen).to(device, dtype)
     y.backward(dy)
-    return {"y": y.detach(), **{f"d{n}": v.grad for n, v in leaves.items()}}
+    return {"y": y.detach(), "route": route, **{f"d{n}": v.grad for n, v in leaves.items()}}
+
+
+def nan_routing(backend: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """None if a NaN in ``text_B[2]`` makes exactly the text rows' y[:, 2] non-finite and one
+    in ``image_A[1, 4]`` exactly the image rows' dx[:, 4]; else what went wrong."""
+    def poison(name, index):
+        return lambda leaves: leaves[name].__setitem__(index, float("nan"))
+
+    case = SIZES["tiny"]
+    out = run(case, 2, dtype, backend, device, poison("text_B", (2, 1)))
+    bad, text = ~out["y"].isfinite(), out["route"] == 0
+    if not (torch.equal(bad[:, 2], text) and bad.sum() == text.sum()):
+        return "a NaN in text_B reached other rows or columns of y"
+    out = run(case, 2, dtype, backend, device, poison("image_A", (1, 4)))
+    bad, image = ~out["dx"].isfinite(), out["route"] == 1
+    if not (torch.equal(bad[:, 4], image) and bad.sum() == image.sum()):
+        return "a NaN in image_A reached other rows or columns of dx"
+    return None
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -76,14 +101,20 @@ def main(argv=None) -> int:
                 count += 1
                 want = run(case, k, torch.float64, "reference", device)
                 got = run(case, k, dtype, backend, device)
-                errs = {n: rel_err(got[n], want[n]) for n in want}
+                errs = {n: rel_err(got[n], want[n]) for n in want if n != "route"}
                 worst = max(errs, key=lambda n: (errs[n] != errs[n], errs[n]))  # NaN first
                 ok = all(e <= TOLERANCE[dtype] for e in errs.values())  # NaN compares False
                 failures += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {backend:<14} {str(dtype)[6:]:<9} K={k}  "
                       f"worst {worst} {errs[worst]:.1e} (tolerance {TOLERANCE[dtype]:.0e})")
-    print(f"smoke {args.size} on {device.type}: {count - failures}/{count} backend x dtype x K "
-          f"cases within tolerance ({', '.join(names) or 'no fused backend'})")
+            count += 1
+            wrong = nan_routing(backend, dtype, device)
+            failures += wrong is not None
+            print(f"{'ok  ' if wrong is None else 'FAIL'} {backend:<14} {str(dtype)[6:]:<9} NaN "
+                  f"in one route's adapter: {wrong or 'exactly its own rows'}")
+    print(f"smoke {args.size} on {device.type}: {count - failures}/{count} checks passed "
+          f"(backend x dtype x K within tolerance, NaN routing; "
+          f"{', '.join(names) or 'no fused backend'})")
     return 1 if failures or not count else 0
 
 

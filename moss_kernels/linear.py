@@ -17,7 +17,9 @@ specification. This file holds what all backends share:
   as one :class:`~moss_kernels.backends.LinearInputs` (the schemas stay flat, as torch.library
   needs them; below them the arguments travel by name).
   ``z`` (the routed rank-space activations, in the accumulation dtype) is the only
-  intermediate the backward keeps: it costs N * (R_t + R_i) values, not N * D.
+  intermediate the backward keeps: it costs N * (R_t + R_i) values, not N * D. It is the
+  backend's own, read only by that backend's backward (the Triton backend's carries the
+  adapter scales, the others' does not).
   ``nbr_t`` is an input of the forward op only so that the autograd context can keep it.
 
 * :func:`moss_linear`, the public function: validates, flattens the leading dims of ``x``,

@@ -52,3 +52,40 @@ def test_the_tests_run_with_poisoned_outputs():
     assert p[:block, :block].isnan().all() and p[block:, block:].isnan().all()  # skipped
     torch.testing.assert_close(p[:block, block:], want[:block, block:])
     torch.testing.assert_close(p[block:, :block], want[block:, :block])
+
+
+def test_configs_too_large_for_shared_memory_are_pruned_for_their_dtypes():
+    """fp32 operands in 128 x 256 x 64 tiles with 3 stages need 294,912 bytes of sm_90's 232,448
+    (compile_check confirms the figures); bf16 ones fit; with nothing fitting, the smallest."""
+    def args(*dtypes):
+        return {name: torch.empty(0, dtype=d)
+                for name, d in zip(("a_ptr", "b_ptr", "a2_ptr", "b2_ptr"), dtypes)}
+
+    every = gemm.tile_configs(gemm.SHAPES)
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages)  # noqa: E731
+    fp32 = [shape(c) for c in gemm.fitting(every, args(*[torch.float32] * 4))]
+    assert (128, 256, 3) not in fp32 and (128, 128, 4) not in fp32 and (64, 64, 4) in fp32
+    assert gemm.shared_bytes(every[0].kwargs, 3, (torch.float32,) * 4) == 294_912
+    assert len(gemm.fitting(every, args(*[torch.bfloat16] * 4))) == len(every)
+    launch = gemm.tile_configs([gemm.DEFAULT_SHAPE])
+    assert gemm.fitting(launch, args(*[torch.float32] * 4)) == launch  # fits every dtype
+    huge = [c for c in every if c.kwargs["BLOCK_N"] == 256]
+    assert gemm.fitting(huge, args(*[torch.float64] * 4)) == huge[:1]  # none fits: smallest
+
+
+def test_launches_run_with_the_tensors_gpu_current(monkeypatch):
+    """Triton launches on the current device; tensors on cuda:1 with cuda:0 current would run
+    on the wrong GPU. Checked with a stand-in for the device switch (no GPU here)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from moss_kernels import triton as backend
+
+    switched = []
+    monkeypatch.setattr(torch.cuda, "device",
+                        lambda d: contextlib.nullcontext(switched.append(d)))
+    guarded = backend._on_device(lambda a, *rest: ("ran", rest))
+    on_gpu1 = SimpleNamespace(x=SimpleNamespace(device=torch.device("cuda", 1)))
+    assert guarded(on_gpu1, 7) == ("ran", (7,)) and switched == [torch.device("cuda", 1)]
+    assert guarded(SimpleNamespace(x=torch.zeros(1)), 7) == ("ran", (7,)) and len(switched) == 1
+    assert backend.forward.__wrapped__ and backend.backward.__wrapped__

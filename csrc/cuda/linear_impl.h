@@ -107,16 +107,21 @@ backward(const Dev& dev, const at::Tensor& dy_in, const at::Tensor& x, const at:
   check_backward_args(dy, x, weight, z, r_t + r_i);
   const auto acc = acc_type(x.scalar_type());
   const bool wide = x.scalar_type() == at::kHalf;
+  const bool half = x.scalar_type() != at::kFloat;  // fp16 or bf16
   const auto up = [&](const at::Tensor& t) { return wide ? t.to(at::kFloat) : t; };
 
-  // dz reads B as it is: a non-finite entry reaches dz columns only the route's rows read.
+  // dz reads B as it is: a non-finite entry reaches dz columns only the route's rows read. For
+  // half types dz and dBcat come out of their GEMMs in fp32 and are scaled there, so each is
+  // rounded once (bf16's dP when it is stored, below).
   const at::Tensor b_cat = at::cat({text_B, image_B}, 1);
-  at::Tensor dz = wide ? dev.mm_fp32(dy, b_cat) : at::mm(dy, b_cat);  // [N, R]
+  at::Tensor dz = half ? dev.mm_fp32(dy, b_cat) : at::mm(dy, b_cat);  // [N, R]
   dz.mul_(column_scales(r_t, r_i, text_scale, image_scale, dz));
   const at::Tensor d_b_cat =                                                         // [D_out, R]
-      (wide ? at::mm(up(dy).t(), z) : at::mm(dy.t(), z.to(dy.scalar_type()))).to(acc);
+      wide ? at::mm(up(dy).t(), z)
+           : half ? dev.mm_fp32(dy.t(), z.to(dy.scalar_type())) : at::mm(dy.t(), z);
   at::Tensor dp = dev.empty({n, c}, dz.options());
   dev.route_backward(dz, route, nbr_t, r_t, r_i, dp);
+  if (half && !wide) dp = dp.to(x.scalar_type());  // bf16 rank-space values stay bf16
   const at::Tensor d_all = at::mm(dp.t(), up(x)).to(acc);  // [C, D_in]
   at::Tensor dx = at::empty({0}, x.options());
   if (need_dx) {

@@ -9,15 +9,25 @@
 // each (block, thread) alone on a NaN-filled output and counts what it wrote: every element must
 // be written by exactly one thread (the guarantee that makes the GPU kernels race-free).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 #include <mutex>
 
-#include "cuda_shim.h"  // before the kernels
 #include "../cuda/linear_impl.h"
-#include "../cuda/route_launch.h"
 #include "emulated.h"
+
+// The kernels and their launchers, compiled here as host code, inside a namespace of their own:
+// their symbols then differ from the host stubs nvcc makes for the same kernels in the GPU build
+// (which live in this library too), so a linker can never take one for the other. Every header
+// they include is included above, so only their own declarations land in it.
+namespace emulation {
+#include "cuda_shim.h"  // before the kernels
+#include "../cuda/route_launch.h"
+}  // namespace emulation
 
 namespace moss {
 namespace {
@@ -38,13 +48,13 @@ LaunchSettings current() {
 
 template <typename Kernel, typename... Args>
 void run_threads(Kernel kernel, int64_t blocks, int64_t threads, int64_t only, Args... args) {
-  gridDim.x = static_cast<unsigned int>(blocks);
-  blockDim.x = static_cast<unsigned int>(threads);
+  emulation::moss::gridDim.x = static_cast<unsigned int>(blocks);
+  emulation::moss::blockDim.x = static_cast<unsigned int>(threads);
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t t = 0; t < threads; ++t) {
       if (only >= 0 && b * threads + t != only) continue;
-      blockIdx.x = static_cast<unsigned int>(b);
-      threadIdx.x = static_cast<unsigned int>(t);
+      emulation::moss::blockIdx.x = static_cast<unsigned int>(b);
+      emulation::moss::threadIdx.x = static_cast<unsigned int>(t);
       kernel(args...);
     }
   }
@@ -95,22 +105,22 @@ struct EmulatedDev {
 
   void route_forward(const at::Tensor& p, const at::Tensor& route, const at::Tensor& nbr,
                      int64_t r_t, int64_t r_i, at::Tensor& z) const {
-    moss::route_forward(EmulatedLaunch{}, p, route, nbr, r_t, r_i, z);
+    emulation::moss::route_forward(EmulatedLaunch{}, p, route, nbr, r_t, r_i, z);
   }
   void route_backward(const at::Tensor& dz, const at::Tensor& route, const at::Tensor& nbr_t,
                       int64_t r_t, int64_t r_i, at::Tensor& dp) const {
-    moss::route_backward(EmulatedLaunch{}, dz, route, nbr_t, r_t, r_i, dp);
+    emulation::moss::route_backward(EmulatedLaunch{}, dz, route, nbr_t, r_t, r_i, dp);
   }
   void pack_up(const at::Tensor& text_B, const at::Tensor& image_B, at::Tensor& b_cat,
                at::Tensor& bad) const {
-    moss::pack_up(EmulatedLaunch{}, text_B, image_B, b_cat, bad);
+    emulation::moss::pack_up(EmulatedLaunch{}, text_B, image_B, b_cat, bad);
   }
   void pack_down(const at::Tensor& text_A, const at::Tensor& image_A, at::Tensor& a_all,
                  at::Tensor& bad) const {
-    moss::pack_down(EmulatedLaunch{}, text_A, image_A, a_all, bad);
+    emulation::moss::pack_down(EmulatedLaunch{}, text_A, image_A, a_all, bad);
   }
   void poison(at::Tensor& out, const at::Tensor& route, const at::Tensor& bad) const {
-    moss::poison(EmulatedLaunch{}, out, route, bad);
+    emulation::moss::poison(EmulatedLaunch{}, out, route, bad);
   }
 };
 

@@ -25,7 +25,7 @@ import torch
 
 from ..info import hardware
 from .cases import CPU_CASE, MODEL_CASES, QUICK_CASE, SWEEPS, Case, sweep
-from .providers import available_providers
+from .providers import ALTERNATIVES, available_providers
 from .report import add_speedups, append_csv, format_table, plot
 from .roofline import measure
 from .runner import MODES, run_case
@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         cases += [c for c in sweep(base, name) if c not in cases]
 
     found, skipped = available_providers(device, with_compile=not args.no_compile)
-    alts = [p.name for p in found if not p.floor and not p.ours]
+    alts = [p.name for p in found if not p.floor and not p.ours]  # shown; the CSV has them all
     print(f"moss bench on {hardware()}, torch {torch.__version__}, {dtype}; {len(cases)} "
           f"case(s), medians of {reps} interleaved rounds after {warmup} warm-up")
     print("providers: " + ", ".join(p.name for p in found))
@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
             case_rows, failures = run_case(case, found, device, dtype, reps, warmup,
                                            modes=args.modes, progress=bar, log=bar.write,
                                            ceilings=ceilings)
-            add_speedups(case_rows, alts)
+            add_speedups(case_rows, ALTERNATIVES)
             # Each case's rows are written as it finishes: a run cut short keeps them.
             if case_rows:
                 csv_path = append_csv(args.out / f"moss_bench_{device.type}.csv", case_rows,

@@ -37,6 +37,9 @@ from .cases import Case
 
 TEXT_SCALE = IMAGE_SCALE = 2.0
 NAMES = ("x", "weight", "bias", "text_A", "text_B", "image_A", "image_B")
+#: Every alternative a user has today: each gets a speedup column (``x_<name>``) in every CSV
+#: row, NaN where it was not run, so that runs with and without some of them share one file.
+ALTERNATIVES = ("eager", "peft", "compile:eager", "compile:reference")
 
 
 @dataclass

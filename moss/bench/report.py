@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 
-def add_speedups(rows: list[dict], alts: list[str]) -> None:
+def add_speedups(rows: list[dict], alts) -> None:
     """For each row, ``x_<alt>`` = the alternative's median / this row's median (same case and
-    mode), for each alternative provider ``alts`` (NaN where it was not timed)."""
+    mode), for each alternative provider in ``alts`` (NaN where it was not timed)."""
     index = {(r["name"], r["tokens"], r["rank"], r["kernel_size"], r["image_fraction"],
               r["mode"], r["provider"]): r["median_ms"] for r in rows}
     for r in rows:

@@ -44,6 +44,8 @@ GPU; there it refuses bf16, which the interpreter computes wrongly (docs/design.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -69,6 +71,7 @@ def _matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
 def _on_device(fn):
     """Run ``fn(inputs, ...)`` with the inputs' GPU current: Triton launches on the current
     device, which may not be the tensors' (as the CUDA extension's device guard ensures)."""
+    @functools.wraps(fn)
     def guarded(a: LinearInputs, *args):
         if a.x.device.type != "cuda":
             return fn(a, *args)

@@ -65,14 +65,18 @@ DEFAULT_SHAPE = (128, 128, 64, 8, 3)
 SHARED_LIMIT = 232_448
 
 
+def tile_configs(shapes) -> list[triton.Config]:
+    """GPU tile configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) shapes."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
+
+
 def configs(autotune: bool = AUTOTUNE) -> list[triton.Config]:
     """Tile shapes to autotune over; one without autotuning (small when interpreting)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                          num_warps=w, num_stages=s)
-            for m, n, k, w, s in (SHAPES if autotune else [DEFAULT_SHAPE])]
+    return tile_configs(SHAPES if autotune else [DEFAULT_SHAPE])
 
 
 def shared_bytes(kwargs: dict, num_stages: int, dtypes: tuple[torch.dtype, ...]) -> int:
