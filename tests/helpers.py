@@ -38,12 +38,6 @@ FUSED = [b for b in BACKENDS if b != "reference"]
 NATIVE = [b for b in FUSED if not backends.backend(b).emulated]
 
 
-def supports(backend: str, dtype: torch.dtype) -> bool:
-    """Whether ``backend`` runs ``dtype`` here (Triton's interpreter refuses bf16, which it
-    computes wrongly: bf16 Triton is checked on GPUs)."""
-    return backends.backend(backend).supports(dtype)
-
-
 #: Max |error| / max |float64 value| for each dtype: about twice what PyTorch's own GEMMs make
 #: in that dtype on these sizes (the reference accumulates half types in float32).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

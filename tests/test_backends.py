@@ -2,7 +2,7 @@
 
 Without a GPU that is the ``cpu`` backend (C++), ``cuda-emulated`` (the CUDA backend's source on
 CPU tensors) and ``triton`` in Triton's interpreter; with one, ``triton`` and ``cuda`` compiled.
-Each is checked in the dtypes it supports here (helpers.supports); float64 gets gradcheck.
+Each is checked in the dtypes its record says it supports here; float64 gets gradcheck.
 """
 
 import pytest
@@ -26,13 +26,12 @@ from helpers import (
     rel_err,
     run_layer,
     special_layouts,
-    supports,
     within_tolerance,
 )
 
 LAYOUTS = [random_layout(seed, p_image=0.6) for seed in range(10)] + special_layouts()
 HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
-CASES = [(b, d) for b in FUSED for d in HALF_AND_SINGLE if supports(b, d)]
+CASES = [(b, d) for b in FUSED for d in HALF_AND_SINGLE if backends.backend(b).supports(d)]
 
 
 @pytest.mark.parametrize("backend,dtype", CASES)
@@ -92,7 +91,7 @@ def test_without_bias_and_with_frozen_x(backend, gen):
 
 
 @pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in HALF_AND_SINGLE
-                                           if supports(b, d)])
+                                           if backends.backend(b).supports(d)])
 def test_deterministic(backend, dtype, gen):
     """Two runs give bitwise-equal outputs and gradients (no atomics, no racy reductions)."""
     layout = random_layout(6, p_image=0.8)
@@ -113,7 +112,8 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 @pytest.mark.parametrize("backend,dtype", [
-    (b, d) for b in BACKENDS for d in (torch.float16, torch.bfloat16) if supports(b, d)])
+    (b, d) for b in BACKENDS for d in (torch.float16, torch.bfloat16)
+    if backends.backend(b).supports(d)])
 @pytest.mark.parametrize("case", sorted(RANGE_CASES))
 def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, gen):
     """Sums that fit in fp32 never overflow: outputs and gradients match float64 (the

@@ -21,7 +21,7 @@ from moss_kernels import backends
 from moss_kernels.memory import cpu_peak_bytes
 from moss_kernels.reference import accumulation_dtype
 
-from helpers import ADAPTERS, CPU_BACKENDS, PARAMS, Layout, make_params, supports
+from helpers import ADAPTERS, CPU_BACKENDS, PARAMS, Layout, make_params
 
 D_IN, D_OUT, R, K = 24, 96, 16, 2  # K^2 R + R = 80 tap-product columns, wider than x
 
@@ -42,7 +42,7 @@ PLAN = mk.RoutingPlan.from_spans(LAYOUT.route_tensor(), LAYOUT.spans(), kernel_s
 
 
 CASES = [(b, d) for b in CPU_BACKENDS for d in (torch.float32, torch.float16, torch.bfloat16)
-         if supports(b, d)]
+         if backends.backend(b).supports(d)]
 
 
 def _leaves(dtype):

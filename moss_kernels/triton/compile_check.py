@@ -27,6 +27,7 @@ interpreter replaces the compiler).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -153,6 +154,7 @@ def pack_cases(all_configs: bool):
                    dict(consts, KK=kk), (), {}, SPECIALISATIONS, None)
 
 
+@functools.cache  # each worker builds the list once, not once per job
 def cases(all_configs: bool) -> list[tuple]:
     """``(name, kernel, types, constexprs, unit strides, options, specialisation, expected
     shared bytes or None)``, one per compile."""

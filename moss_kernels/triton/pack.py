@@ -31,6 +31,24 @@ def _finite(v):
 
 
 @triton.jit
+def _pack_rows(src_ptr, width, out_ptr, col0, ld_out, rows, d_ok, BLOCK_D: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """out[rows, col0:col0 + width] = src[rows, :width] (rows of stride width) with non-finite
+    entries zeroed; returns, per row, whether one was."""
+    offs_r = tl.arange(0, BLOCK_R)
+    bad = tl.zeros((BLOCK_D,), dtype=tl.int32)
+    for r0 in range(0, width, BLOCK_R):
+        cols = r0 + offs_r
+        ok = d_ok[:, None] & (cols < width)[None, :]
+        v = tl.load(src_ptr + rows[:, None] * width + cols[None, :], mask=ok, other=0.0)
+        fin = _finite(v)
+        bad = tl.maximum(bad, tl.max((~fin & ok).to(tl.int32), axis=1))
+        tl.store(out_ptr + rows[:, None] * ld_out + (col0 + cols)[None, :],
+                 tl.where(fin, v, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+    return bad
+
+
+@triton.jit
 def _pack_up_kernel(
     text_ptr,    # [D, R_T] (B_T, contiguous)
     image_ptr,   # [D, R_I] (B_I, contiguous)
@@ -42,25 +60,8 @@ def _pack_up_kernel(
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     rows = offs_d.to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    bad_text = tl.zeros((BLOCK_D,), dtype=tl.int32)
-    bad_image = tl.zeros((BLOCK_D,), dtype=tl.int32)
-    for r0 in range(0, R_T, BLOCK_R):
-        cols = r0 + offs_r
-        ok = d_ok[:, None] & (cols < R_T)[None, :]
-        v = tl.load(text_ptr + rows[:, None] * R_T + cols[None, :], mask=ok, other=0.0)
-        fin = _finite(v)
-        bad_text = tl.maximum(bad_text, tl.max((~fin & ok).to(tl.int32), axis=1))
-        tl.store(out_ptr + rows[:, None] * (R_T + R_I) + cols[None, :],
-                 tl.where(fin, v, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
-    for r0 in range(0, R_I, BLOCK_R):
-        cols = r0 + offs_r
-        ok = d_ok[:, None] & (cols < R_I)[None, :]
-        v = tl.load(image_ptr + rows[:, None] * R_I + cols[None, :], mask=ok, other=0.0)
-        fin = _finite(v)
-        bad_image = tl.maximum(bad_image, tl.max((~fin & ok).to(tl.int32), axis=1))
-        tl.store(out_ptr + rows[:, None] * (R_T + R_I) + (R_T + cols)[None, :],
-                 tl.where(fin, v, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+    bad_text = _pack_rows(text_ptr, R_T, out_ptr, 0, R_T + R_I, rows, d_ok, BLOCK_D, BLOCK_R)
+    bad_image = _pack_rows(image_ptr, R_I, out_ptr, R_T, R_T + R_I, rows, d_ok, BLOCK_D, BLOCK_R)
     tl.store(bad_ptr + offs_d, bad_text.to(tl.uint8), mask=d_ok)
     tl.store(bad_ptr + D + offs_d, bad_image.to(tl.uint8), mask=d_ok)
 
