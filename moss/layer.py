@@ -21,9 +21,11 @@ from .variants import kaiming_parameter
 
 
 class MossLinear(nn.Module):
-    def __init__(self, base: nn.Linear, cfg: MossConfig, router: Router):
+    def __init__(self, base: nn.Linear, cfg: MossConfig, router: Router,
+                 block: int | None = None):
         super().__init__()
         self.base = base
+        self._block = block  # the decoder layer holding it (moss/router.py: recomputation)
         self.variant = cfg.variant
         self.window = cfg.window
         self.dropout = cfg.dropout
@@ -100,7 +102,7 @@ class MossLinear(nn.Module):
 
     def _full(self, x: torch.Tensor) -> torch.Tensor:
         images = self.variant.has_image_adapter
-        plan = self._router.plan(self.window, images)
+        plan = self._router.plan(self.window, images, self._block)
         cast = lambda t: t.to(x.dtype)  # noqa: E731 -- adapters may be kept in fp32
         adapters = [cast(self.text_A), cast(self.text_B)]
         adapters += [cast(self.variant.image_kernel(self)), cast(self.image_B)] if images else [

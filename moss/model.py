@@ -15,6 +15,7 @@ moss/checkpoint.py's.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 
 import torch
@@ -26,7 +27,7 @@ from . import checkpoint
 from .backbones import spec_for
 from .config import MossConfig
 from .layer import MossLinear
-from .router import Router
+from .router import KWARG, Router
 
 
 def get_moss_model(model: nn.Module, cfg: MossConfig, image_logits: bool = False) -> MossModel:
@@ -74,12 +75,21 @@ class MossModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.wrapped = [name for name, _ in targets]
+        blocks = _decoder_layers(spec, model)
+        block_of = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
         for name, linear in targets:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
-                    MossLinear(linear, cfg, self.router))
+                    MossLinear(linear, cfg, self.router, block_of.get(id(linear))))
+        # The call's routing rides in the backbone's keyword arguments to its decoder layers,
+        # where gradient checkpointing's recomputation finds it (moss/router.py).
+        self._passes_routing = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in
+                                   inspect.signature(model.forward).parameters.values())
         self._hooks = [model.register_forward_pre_hook(self._route_call, with_kwargs=True),
                        model.register_forward_hook(lambda *_: self.router.end(), always_call=True)]
+        self._hooks += [child.register_forward_pre_hook(self.router.replay_hook(i),
+                                                        with_kwargs=True)
+                        for i, b in enumerate(blocks) for child in b.children()]
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, route=None,
@@ -113,9 +123,9 @@ class MossModel(nn.Module):
     def _route_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None:
-            _check_input_ids(input_ids, _vocabulary_size(self.model))
+            _check_input_ids(input_ids, _vocabulary_size(self.model), reads_values(input_ids))
         if self.router.active:  # the layout came from MossModel.forward
-            return
+            return self._pass_routing(args, kwargs)
         if input_ids is None:
             raise ValueError("input_ids or route: give the token ids, or the explicit layout "
                              "(route and images) when feeding inputs_embeds")
@@ -127,14 +137,23 @@ class MossModel(nn.Module):
             return
         ids, grid, causal = self.image_token_ids, self.image_grid, self.moss_config.causal
 
+        validate = reads_values(input_ids)
+
         def build(window, with_images):
             if ids is None or not with_images:  # every (unpadded) token text
                 return mk.RoutingPlan.from_input_ids(torch.zeros_like(input_ids), [1], (1, 1),
-                                                     mask, kernel_size=window, causal=causal)
+                                                     mask, kernel_size=window, causal=causal,
+                                                     validate=validate)
             return mk.RoutingPlan.from_input_ids(input_ids, ids, grid, mask, kernel_size=window,
-                                                 causal=causal)
+                                                 causal=causal, validate=validate)
         self.router.begin_plan(build, prefill_ids=input_ids if cache is not None else None,
                                image_ids=ids, grid=grid, mask=mask)
+        return self._pass_routing(args, kwargs)
+
+    def _pass_routing(self, args, kwargs):
+        if not self._passes_routing:
+            return None
+        return args, {**kwargs, KWARG: self.router.current}
 
     def _layout_builder(self, route, images, shape, cu_seqlens):
         if not isinstance(route, torch.Tensor):
@@ -146,13 +165,13 @@ class MossModel(nn.Module):
                              f"{tuple(route.shape)}")
         route = route.reshape(shape) if cu_seqlens is None else route.reshape(-1)
         images = torch.as_tensor(images, dtype=torch.int64, device=route.device).reshape(-1, 3)
-        causal = self.moss_config.causal
+        causal, validate = self.moss_config.causal, reads_values(route)
 
         def build(window, with_images):
             r = route if with_images else torch.where(route == 1, 0, route)
             return mk.RoutingPlan.from_spans(r, images if with_images else images[:0],
                                              kernel_size=window, causal=causal,
-                                             cu_seqlens=cu_seqlens)
+                                             cu_seqlens=cu_seqlens, validate=validate)
         return build
 
     # ------------------------------------------------------------------ adapters
@@ -211,6 +230,15 @@ class MossModel(nn.Module):
         return moss
 
 
+def _decoder_layers(spec, model: nn.Module) -> list[nn.Module]:
+    """The backbone's decoder layers, or none if its layout is not the spec's (such a model
+    trains, but not under gradient checkpointing: moss/router.py says so when it happens)."""
+    try:
+        return spec.decoder_layers(model)
+    except (AttributeError, TypeError):
+        return []
+
+
 def _vocabulary_size(model: nn.Module) -> int | None:
     """Rows of the backbone's input embedding (the ids it can read), when it says."""
     try:
@@ -219,14 +247,32 @@ def _vocabulary_size(model: nn.Module) -> int | None:
         return None
 
 
-def _check_input_ids(ids, vocab: int | None) -> None:
+#: Set to 1 to check the values of inputs on a GPU too (see :func:`reads_values`).
+CHECK_ENV = "MOSS_CHECK_INPUTS"
+
+
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether this call runs the checks that read input values (ids inside the vocabulary,
+    attention mask of 0/1, an explicit layout's consistency).
+
+    Reading a value is free for a CPU tensor in eager mode, where ids usually come from the
+    tokenizer; on a GPU it is a host synchronisation per call, so there the checks run only
+    with ``MOSS_CHECK_INPUTS=1``; under torch.compile never (a branch on a value is a graph
+    break). Shapes and types are always checked.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get(CHECK_ENV) == "1"
+
+
+def _check_input_ids(ids, vocab: int | None, values: bool) -> None:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"input_ids: expected an integer tensor, got {ids.dtype}")
     if ids.numel() == 0:
         raise ValueError(f"input_ids: expected at least one token, got shape {tuple(ids.shape)}")
-    if vocab is not None:
+    if vocab is not None and values:
         bad = (ids < 0) | (ids >= vocab)
         if bool(bad.any()):
             at = bad.nonzero()[0].tolist()

@@ -2,14 +2,25 @@
 
 Two modes, switched by :class:`moss.model.MossModel` around each call of the backbone:
 
-* ``plan``: a full (prefill or training) forward. Layers ask for a RoutingPlan per window size
-  (and whether image tokens are routed as images, or as text for the ``shared`` variant); it
-  is built on first use, so once per call however many layers there are.
+* ``plan``: a full (prefill or training) forward. Layers ask the call's :class:`Routing` for a
+  RoutingPlan per window size (and whether image tokens are routed as images, or as text for
+  the ``shared`` variant); it is built on first use, so once per call however many layers
+  there are.
 * ``decode``: one new token per sequence with a KV cache (transformers' ``generate``), served
   from each layer's ring of past tap products (docs/design.md section 5). The per-sequence
   state kept here is the length of the trailing run of image tokens (as in
   ``RoutingPlan.from_input_ids``, a run is cut into consecutive H x W images, so the new
   token's position in its image is ``(run - 1) % (H*W)``) and the rings, by layer.
+
+Gradient checkpointing re-runs a decoder layer during the backward pass, after the call that
+routed it has ended, and possibly after later calls (two forwards, one backward). The routing
+therefore travels with the call's own arguments, which every checkpoint implementation hands
+back unchanged to the recomputation: MossModel adds the call's :class:`Routing` to the
+backbone's keyword arguments (:data:`KWARG`), transformers passes them down to every decoder
+layer and on to its attention module, and a pre-hook there (:meth:`Router.replay_hook`) strips
+it and, when it runs inside a backward pass, records it for the layer's block. A recomputed
+MOSS layer reads its block's record only in that same backward pass (autograd's graph task), so
+a stale routing can never be used: a layer that cannot find its routing says so.
 """
 
 from __future__ import annotations
@@ -20,6 +31,9 @@ import torch
 
 import moss_kernels as mk
 
+#: The keyword argument that carries a call's Routing down to the decoder layers.
+KWARG = "moss_routing"
+
 
 @dataclass
 class DecodeStep:
@@ -29,32 +43,49 @@ class DecodeStep:
     grid: tuple[int, int]
 
 
+class Routing:
+    """One full forward's routing: ``build(window, with_images) -> RoutingPlan``, each plan
+    built on first use and kept for the call (and for its recomputation in the backward)."""
+
+    def __init__(self, build):
+        self._build, self._plans = build, {}
+
+    def plan(self, window: int, with_images: bool) -> mk.RoutingPlan:
+        key = (window, with_images)
+        if key not in self._plans:
+            self._plans[key] = self._build(window, with_images)
+        return self._plans[key]
+
+
 class Router:
     def __init__(self):
         self.mode = None
-        self._build = None
-        self._plans: dict = {}
+        self.current: Routing | None = None
         self.step: DecodeStep | None = None
         self.run: torch.Tensor | None = None  # [B] trailing image-run length, across calls
         self.grid: tuple[int, int] | None = None
         self.rings: dict[int, torch.Tensor] = {}  # layer id -> [B, L, K*K*R_i]
         self.fill = False  # a prefill whose layers must seed their rings
+        # block -> (Routing, autograd graph task) recorded by a recomputation (module docstring)
+        self._replay: dict[int, tuple[Routing, int]] = {}
 
     @property
     def active(self) -> bool:
         return self.mode is not None
 
-    def begin_plan(self, build, prefill_ids=None, image_ids=None, grid=None, mask=None):
+    def begin_plan(self, build, prefill_ids=None, image_ids=None, grid=None,
+                   mask=None) -> Routing:
         """``build(window, with_images) -> RoutingPlan``; with ``prefill_ids`` a generation starts:
         the decode state is reset from the prompt and the layers seed their rings."""
         self._enter("plan")
-        self._build, self._plans = build, {}
+        self.current = Routing(build)
         self.fill = prefill_ids is not None
         if self.fill:
             is_img = _is_image(prefill_ids, image_ids, mask)
             # Trailing run of image tokens per row (a prompt may end inside an image).
             self.run = torch.flip(is_img.long(), [1]).cumprod(1).sum(1)
             self.grid, self.rings = grid, {}
+        return self.current
 
     def begin_decode(self, input_ids, image_ids, mask):
         if self.run is None:
@@ -71,7 +102,7 @@ class Router:
                                (h, w))
 
     def end(self):
-        self.mode, self._build, self._plans, self.step, self.fill = None, None, {}, None, False
+        self.mode, self.current, self.step, self.fill = None, None, None, False
 
     def _enter(self, mode):
         if self.mode is not None:
@@ -79,15 +110,39 @@ class Router:
                                "supported)")
         self.mode = mode
 
-    def plan(self, window: int, with_images: bool) -> mk.RoutingPlan:
-        if self.mode != "plan":
+    def plan(self, window: int, with_images: bool, block: int | None = None) -> mk.RoutingPlan:
+        """The plan of the call being run, or being recomputed for decoder layer ``block``."""
+        if self.mode == "plan":
+            return self.current.plan(window, with_images)
+        return self._replayed(block).plan(window, with_images)
+
+    def replay_hook(self, block: int):
+        """A forward pre-hook for the modules of decoder layer ``block``: strips :data:`KWARG`
+        and, inside a backward pass (a recomputation), records it for the block."""
+        def hook(module, args, kwargs):
+            if KWARG not in kwargs:
+                return None
+            if not torch.compiler.is_compiling():  # a compiled backward replays no Python
+                task = torch._C._current_graph_task_id()
+                if task != -1:
+                    self._replay[block] = (kwargs[KWARG], task)
+            return args, {k: v for k, v in kwargs.items() if k != KWARG}
+        return hook
+
+    def _replayed(self, block: int | None) -> Routing:
+        task = torch._C._current_graph_task_id()
+        entry = self._replay.get(block)
+        if task != -1 and entry is not None and entry[1] == task:
+            return entry[0]
+        if task != -1:
             raise RuntimeError(
-                "a MOSS layer ran outside MossModel.forward: call the wrapped model (the object "
-                "get_moss_model returned), which routes the batch, not its inner modules")
-        key = (window, with_images)
-        if key not in self._plans:
-            self._plans[key] = self._build(window, with_images)
-        return self._plans[key]
+                "a MOSS layer was recomputed in the backward pass (gradient checkpointing) "
+                "without its call's routing: checkpoint whole decoder layers (transformers' "
+                "activation_checkpointing_enable, or torch.utils.checkpoint around each layer "
+                "called by the backbone) or the whole model, not parts of a layer")
+        raise RuntimeError(
+            "a MOSS layer ran outside MossModel.forward: call the wrapped model (the object "
+            "get_moss_model returned), which routes the batch, not its inner modules")
 
 
 def _is_image(ids, image_ids, mask) -> torch.Tensor:

@@ -8,7 +8,8 @@ single-process run, whatever N. Rank 0 logs, shows the progress bar and writes c
 since they hold full (replicated) tensors, a run resumes on any number of processes.
 
 Training: AdamW over the adapter parameters, linear warm-up then cosine decay, gradient
-accumulation, gradient-norm clipping, bf16 autocast on a GPU, a progress bar with the loss, one
+accumulation, gradient-norm clipping, bf16 autocast on a GPU, optional gradient
+checkpointing (``--gradient-checkpointing``, per decoder layer), a progress bar with the loss, one
 JSON line per step in ``<out>/train.log``. Checkpoints go to ``<out>/checkpoint-<step>/``
 (adapter files + trainer state: optimizer, schedule, step, RNG; moss/checkpoint.py writes them
 so that a crash leaves the previous one whole); ``--resume`` continues from the latest one and
@@ -105,6 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--kernel-size", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="LoRA dropout on the adapters' input (the base layer sees it whole)")
     p.add_argument("--variant", choices=VARIANTS, default="conv")
     p.add_argument("--no-image-loss", action="store_true", help="learn text tokens only")
     p.add_argument("--save-every", type=int, default=50)
@@ -114,6 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="moss_kernels backend (default: fastest)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the frozen backbone with FSDP2 instead of DDP")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward instead of keeping its "
+                        "activations (less memory, about one more forward of time)")
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -140,6 +146,7 @@ def train(args: argparse.Namespace) -> Path:
         model, vocab, _ = backbones.load(args.model)
         cfg = MossConfig(r_text=args.rank, r_image=args.rank, alpha_text=args.alpha,
                          alpha_image=args.alpha, kernel_size=args.kernel_size,
+                         dropout=args.dropout,
                          image_adapter=args.variant, image_grid=vocab.grid, backend=args.backend)
         examples = load_jsonl(args.data, vocab, include_image_loss=image_loss)
     out = Path(args.out)
@@ -155,6 +162,11 @@ def train(args: argparse.Namespace) -> Path:
             start = state["step"]
     if latest is None:
         moss = get_moss_model(model, cfg, image_logits=image_loss)
+    if args.gradient_checkpointing:
+        # Non-reentrant: it needs no input that requires grad and replays dropout's RNG; the
+        # recomputed layers find their routing by themselves (moss/router.py).
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     device = torch.device(f"cuda:{local}" if gpu else "cpu")
     moss.to(device)
     runner = moss

@@ -140,9 +140,14 @@ def moss_linear(
             :mod:`moss_kernels.backends`).
 
     Returns:
-        ``[..., D_out]`` in ``x.dtype``.
+        ``[..., D_out]`` in ``x.dtype``; under ``torch.autocast`` for ``x``'s device, in the
+        autocast dtype, as ``F.linear`` would return it.
     """
     _check_tensor("x", x)
+    if (cast := _autocast_dtype(x)) is not None:
+        x, weight, bias, text_A, text_B, image_A, image_B = (
+            t.to(cast) if isinstance(t, Tensor) and t.dtype.is_floating_point else t
+            for t in (x, weight, bias, text_A, text_B, image_A, image_B))
     _check_tensor("weight", weight, dtype=x.dtype, device=x.device, dims=(2,))
     d_out, d_in = weight.shape
     if x.dim() < 1 or x.shape[-1] != d_in:
@@ -173,6 +178,20 @@ def moss_linear(
     y, _ = linear_fwd(x2, weight, bias, text_A, text_B, image_A, image_B, plan.route, plan.nbr,
                       plan.nbr_t, float(text_scale), float(image_scale), name)
     return y.view(*lead, d_out)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear layer in on ``x``'s device, if it is on.
+
+    Autocast does not reach inside a custom op, so the cast is done here, where F.linear's
+    would be: every floating input goes to the autocast dtype (float64 stays float64, as
+    autocast leaves it) and the op runs there, accumulating in fp32; the casts' backward
+    returns each gradient in its parameter's own dtype (fp32 adapters get fp32 gradients).
+    """
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def _check_tensor(name, t, dtype=None, device=None, dims=None, shape=None) -> None:

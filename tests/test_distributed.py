@@ -48,10 +48,11 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp+checkpointing"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, single, wrapper):
-    _train(tmp_path, 2, "--steps", "10", "--save-every", "5",
-           *(["--fsdp"] if wrapper == "fsdp" else []))
+    flags = {"ddp": [], "fsdp": ["--fsdp"],
+             "fsdp+checkpointing": ["--fsdp", "--gradient-checkpointing"]}[wrapper]
+    _train(tmp_path, 2, "--steps", "10", "--save-every", "5", *flags)
     torch.testing.assert_close(_losses(tmp_path), _losses(single), rtol=1e-5, atol=1e-5)
     a, b = _adapter(tmp_path), _adapter(single)
     assert a.keys() == b.keys()

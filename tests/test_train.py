@@ -35,6 +35,21 @@ def test_train_lowers_the_loss_checkpoints_and_generates(tmp_path, capsys):
     assert capsys.readouterr().out.strip()
 
 
+def test_gradient_checkpointing_trains_exactly_as_without(tmp_path):
+    """Dropout included: the recomputation replays its random mask."""
+    from safetensors.torch import load_file
+
+    args = FAST + ["--steps", "6", "--save-every", "6", "--dropout", "0.1"]
+    finals = []
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        assert main(args + ["--out", str(tmp_path / name), *extra]) == 0
+        finals.append(load_file(tmp_path / name / "checkpoint-6" / "moss_adapter.safetensors"))
+    torch.testing.assert_close(_losses(tmp_path / "checkpointed"), _losses(tmp_path / "plain"),
+                               rtol=1e-6, atol=1e-6)
+    for key, value in finals[0].items():
+        torch.testing.assert_close(finals[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_ends(tmp_path, monkeypatch):
     args = FAST + ["--steps", "12", "--save-every", "4"]
     assert main(args + ["--out", str(tmp_path / "straight")]) == 0
