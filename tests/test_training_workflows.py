@@ -235,3 +235,17 @@ def test_autocast_training_step_on_a_model(backend, dtype, base_dtype):
         if name != "loss":
             assert value.dtype == torch.float32, name
         assert within_tolerance(value, ref[name], want[name], dtype), name
+
+
+def test_value_checks_run_where_reading_values_is_free(monkeypatch):
+    """CPU ids: checked. Device ids (a meta tensor stands in for a GPU's): only with
+    MOSS_CHECK_INPUTS=1, since each read is a host synchronisation. Compiled: never."""
+    from moss.model import CHECK_ENV, reads_values
+
+    cpu, device = torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long,
+                                                                 device="meta")
+    monkeypatch.delenv(CHECK_ENV, raising=False)
+    assert reads_values(cpu) and not reads_values(device)
+    monkeypatch.setenv(CHECK_ENV, "1")
+    assert reads_values(device)
+    assert not torch.compile(lambda t: reads_values(t), fullgraph=True)(cpu)
