@@ -91,6 +91,23 @@ def test_transformers_gradient_checkpointing_gives_the_same_gradients(backbone, 
     assert_same(loss_and_grads(moss, ids, mask), want)
 
 
+def test_checkpointing_with_an_explicit_layout():
+    """Emu2-style: embeddings in, the layout given as route / images."""
+    moss = adapted("llama")
+    embeds = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(3))
+    route = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0], [1] * 8 + [0, 0, -1, -1]])
+    images = torch.tensor([[2, 2, 2], [12, 2, 4]])
+
+    def step(_ids, _mask):
+        out = moss(inputs_embeds=embeds, route=route, images=images, use_cache=False)
+        loss = out.logits.logsumexp(-1).mean()
+        loss.backward()
+        return loss
+    want = loss_and_grads(moss, None, None, step)
+    moss.model.activation_checkpointing_enable()
+    assert_same(loss_and_grads(moss, None, None, step), want)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_torch_checkpoint_around_each_decoder_layer(reentrant):
     """torch.utils.checkpoint applied directly, as FSDP users do (checkpoint_wrapper)."""
