@@ -10,6 +10,11 @@ place. Interrupted before the commit, the folder still holds the previous pair; 
 loader finds the weights the config names in the pending file. Every file is written to a
 temporary name in the same folder, flushed, fsynced and renamed (and the folder fsynced).
 
+A PEFT adapter folder (``PeftModel.save_pretrained`` of a MOSS adapter, moss/peft_method.py:
+``adapter_config.json`` and ``adapter_model.safetensors``, keys prefixed ``base_model.model.``)
+loads here too, without PEFT installed; PEFT writes it in place, with no hash to tell a torn
+save (docs/design.md section 9).
+
 Run checkpoint (``moss train``): ``<out>/checkpoint-<step>/`` holds an adapter folder plus
 ``trainer_state.pt``; it is written as a temporary folder renamed into place, then named in
 ``<out>/latest`` (written atomically), and only then is the previous checkpoint removed. So a
@@ -24,9 +29,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+
+from .config import MossConfig
 
 WEIGHTS_NAME = "moss_adapter.safetensors"
 CONFIG_NAME = "moss_config.json"
@@ -34,6 +42,12 @@ CONFIG_NAME = "moss_config.json"
 PENDING_NAME = ".moss_adapter.safetensors.pending"
 TRAINER_STATE_NAME = "trainer_state.pt"
 LATEST_NAME = "latest"
+#: PEFT's adapter folder: its file names, the ``peft_type`` of a MOSS adapter, and the prefix
+#: PEFT puts before every key (the PeftModel's path to the backbone).
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_TYPE = "MOSS"
+PEFT_PREFIX = "base_model.model."
 
 
 # ---------------------------------------------------------------------- adapter folders
@@ -56,10 +70,8 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     """``(meta, tensors, weights file read)`` of an adapter folder, every file-level fault
     refused before anything else is looked at: missing files,
     a config that is not JSON or not written by :func:`save_adapter`, weights whose hash differs
-    from the config's, that are not safetensors, or that hold NaN, Inf or non-float values."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    from the config's, that are not safetensors, or that hold NaN, Inf or non-float values.
+    A PEFT folder of a MOSS adapter (:func:`_load_peft_adapter`) is read as the same triple."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a folder path (str or os.PathLike), got "
                         f"{type(path).__name__}")
@@ -67,32 +79,72 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     if folder.is_file():
         raise FileNotFoundError(f"path: {folder} is a file; expected the adapter folder "
                                 f"(holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+    if not (folder / CONFIG_NAME).is_file() and (folder / PEFT_CONFIG_NAME).is_file():
+        return _load_peft_adapter(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file() and not (
                 name == WEIGHTS_NAME and (folder / PENDING_NAME).is_file()):
             raise FileNotFoundError(f"path: {folder / name} does not exist (a MOSS adapter "
-                                    f"folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        meta = json.loads((folder / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{folder / CONFIG_NAME}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{folder / CONFIG_NAME}: expected a JSON object, got "
-                         f"{type(meta).__name__}")
+                                    f"folder holds {CONFIG_NAME} and {WEIGHTS_NAME}, or PEFT's "
+                                    f"{PEFT_CONFIG_NAME} and {PEFT_WEIGHTS_NAME})")
+    meta = _read_json(folder / CONFIG_NAME)
     digest = meta.pop("weights_sha256", None)
     if digest is None:
         raise ValueError(f"{folder / CONFIG_NAME}: no weights_sha256 (not written by "
                          f"save_pretrained)")
     weights = _committed_weights(folder, digest)
+    return meta, _read_weights(weights), weights
+
+
+def _load_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """A PEFT folder as :func:`load_adapter`'s triple: the config's MossConfig fields, the
+    tensors keyed as ``MossModel.adapter_state_dict`` (PEFT's prefix removed). PEFT records no
+    hash of its weights, so a save torn between its two files cannot be told here."""
+    meta = _read_json(folder / PEFT_CONFIG_NAME)
+    if meta.get("peft_type") != PEFT_TYPE:
+        raise ValueError(f"{folder / PEFT_CONFIG_NAME}: a PEFT adapter of type "
+                         f"{meta.get('peft_type')!r}, not a MOSS adapter ({PEFT_TYPE!r})")
+    weights = folder / PEFT_WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"path: {weights} does not exist (PEFT writes it when saving "
+                                f"with safe_serialization=True, its default)")
+    tensors = _read_weights(weights)
+    foreign = sorted(k for k in tensors if not k.startswith(PEFT_PREFIX))
+    if foreign:
+        raise ValueError(f"{weights}: keys {foreign[:5]} lack PEFT's prefix {PEFT_PREFIX!r}")
+    own = {f.name for f in fields(MossConfig)} | {"format_version"}
+    return ({k: v for k, v in meta.items() if k in own},
+            {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}, weights)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         tensors = load_file(weights)
     except SafetensorError as exc:
         raise ValueError(f"{weights}: not a safetensors file ({exc})") from None
+    check_finite(tensors)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse adapter tensors holding NaN, Inf or non-float values (what a diverged run saves)."""
     for key, value in tensors.items():
         if not value.is_floating_point() or not bool(value.isfinite().all()):
             raise ValueError(f"{key}: the file holds NaN, Inf or non-float values (a diverged "
                              f"run?)")
-    return meta, tensors, weights
 
 
 def _committed_weights(folder: Path, digest: str) -> Path:

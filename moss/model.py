@@ -215,19 +215,27 @@ class MossModel(nn.Module):
             raise ValueError(f"model: does not match the adapter's base model (layers the "
                              f"adapter has but the model lacks: {missing[:5]}; the model's "
                              f"extra layers: {extra[:5]})")
+        moss.check_adapter_state(loaded, weights)
         own = dict(moss.model.named_parameters())
-        expected = set(moss.adapter_state_dict())
-        missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
-        if missing or unexpected:
-            raise ValueError(f"{weights}: missing keys {missing[:5]}, unexpected keys "
-                             f"{unexpected[:5]}")
         with torch.no_grad():
             for key, value in loaded.items():
-                if value.shape != own[key].shape:
-                    raise ValueError(f"{key}: expected shape {tuple(own[key].shape)}, the file "
-                                     f"has {tuple(value.shape)}")
                 own[key].copy_(value)  # cast to the model's dtype, whatever the file's
         return moss
+
+    def check_adapter_state(self, loaded: dict[str, torch.Tensor], source) -> None:
+        """Refuse adapter tensors (keyed as :meth:`adapter_state_dict`; read from ``source``)
+        that do not fit this model, before any is copied: missing or unexpected keys, other
+        shapes. Both front doors load through it (moss/peft_method.py)."""
+        own = dict(self.model.named_parameters())
+        expected = set(self.adapter_state_dict())
+        missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{source}: missing keys {missing[:5]}, unexpected keys "
+                             f"{unexpected[:5]}")
+        for key, value in loaded.items():
+            if value.shape != own[key].shape:
+                raise ValueError(f"{key}: expected shape {tuple(own[key].shape)}, the file "
+                                 f"has {tuple(value.shape)}")
 
 
 def _decoder_layers(spec, model: nn.Module) -> list[nn.Module]:

@@ -27,7 +27,8 @@ import torch
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
 #: The row files, in the order the doc shows their entry points.
 MODULES = ("test_bad_inputs_routing", "test_bad_inputs_linear", "test_bad_inputs_model",
-           "test_bad_inputs_checkpoint", "test_bad_inputs_data", "test_bad_inputs_cli")
+           "test_bad_inputs_checkpoint", "test_bad_inputs_peft", "test_bad_inputs_data",
+           "test_bad_inputs_cli")
 NAN, INF = float("nan"), float("inf")
 #: The layout several entry points' rows use: [B, T] = [2, 6], text, two images, padding.
 R = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 0, 0, -1, -1]])
