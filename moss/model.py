@@ -115,9 +115,6 @@ class MossModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         """transformers' ``generate`` with the incremental ConvLoRA decode state."""
-        if not self.moss_config.causal:
-            raise ValueError("causal: adapters trained with causal=False see tokens to their "
-                             "right and cannot decode incrementally")
         return self.model.generate(*args, **kwargs)
 
     def _route_call(self, module, args, kwargs):
@@ -132,7 +129,10 @@ class MossModel(nn.Module):
         mask = kwargs.get("attention_mask")
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-        if past:
+        if past:  # checked here, so that every door to generate (PEFT's too) is covered
+            if not self.moss_config.causal:
+                raise ValueError("causal: adapters trained with causal=False see tokens to "
+                                 "their right and cannot decode incrementally")
             self.router.begin_decode(input_ids, self.image_token_ids, mask)
             return
         ids, grid, causal = self.image_token_ids, self.image_grid, self.moss_config.causal

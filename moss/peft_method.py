@@ -61,9 +61,9 @@ class MossLoraConfig(PeftConfig):
 
     ``task_type`` defaults to causal LM: its PeftModel calls the tuner, hence the MossModel.
     ``None`` gives PEFT's bare PeftModel, whose forward and generate call the backbone directly:
-    routing from ``input_ids`` still works (the hooks are on the backbone), but the explicit
-    ``route`` / ``images`` layout and the refusal to generate with ``causal=False`` adapters
-    are MossModel's and are skipped."""
+    routing from ``input_ids`` still works (the hooks are on the backbone, and so is the
+    refusal to decode with ``causal=False`` adapters), but the explicit ``route`` / ``images``
+    layout is MossModel.forward's and is not available."""
 
     task_type: str | None = "CAUSAL_LM"
     r_text: int = _DEFAULT.r_text

@@ -80,6 +80,24 @@ def test_the_peft_door_runs_the_moss_model_outputs_and_gradients_alike(backbone,
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
 
 
+def test_gradient_checkpointing_through_the_peft_door():
+    """What Trainer(gradient_checkpointing=True) calls on a PeftModel: same gradients."""
+    _, pm = both_doors("chameleon", dropout=0.1)
+    pm.train()
+    inputs, labels = batch()
+
+    def grads():
+        pm.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        pm(**inputs, labels=labels, use_cache=False).loss.backward()
+        return adapter_grads(pm)
+    want = grads()
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    got = grads()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_training_through_peft_updates_only_the_adapters():
     _, pm = both_doors("chameleon")
     before = {n: p.detach().clone() for n, p in pm.named_parameters()}
