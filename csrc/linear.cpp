@@ -42,6 +42,28 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
               x.device(), ", got ", window.scalar_type(), " ", window.sizes());
 }
 
+void check_adapter_input(const at::Tensor& x, const c10::optional<at::Tensor>& x_adapter) {
+  if (!x_adapter.has_value()) return;
+  TORCH_CHECK(x_adapter->sizes() == x.sizes() && x_adapter->scalar_type() == x.scalar_type() &&
+                  x_adapter->device() == x.device(),
+              "x_adapter: expected x's shape ", x.sizes(), ", dtype ", x.scalar_type(),
+              " and device ", x.device(), ", got ", x_adapter->sizes(), " ",
+              x_adapter->scalar_type(), " on ", x_adapter->device());
+}
+
+const at::Tensor& backward_adapter_input(const c10::optional<at::Tensor>& x,
+                                         const c10::optional<at::Tensor>& x_adapter,
+                                         bool need_dweight, bool need_dx_adapter) {
+  TORCH_CHECK(x.has_value() || (x_adapter.has_value() && !need_dweight),
+              "x: the backward reads it for dW, and for the adapters' gradients when x_adapter "
+              "is None; got None");
+  TORCH_CHECK(!need_dx_adapter || x_adapter.has_value(),
+              "need_dx_adapter: true, but x_adapter is None (the adapters read x, and dx carries "
+              "their input gradient)");
+  if (x.has_value()) check_adapter_input(*x, x_adapter);
+  return x_adapter.has_value() ? *x_adapter : *x;
+}
+
 void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                          const at::Tensor& z, int64_t r) {
   const int64_t n = x.size(0), d_out = weight.size(0);

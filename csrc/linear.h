@@ -20,6 +20,15 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& image_B, const at::Tensor& route,
                         const at::Tensor& window);
 
+// x_adapter, when given, is what the adapters read instead of x: x's shape, dtype and device.
+void check_adapter_input(const at::Tensor& x, const c10::optional<at::Tensor>& x_adapter);
+
+// The backward's x and x_adapter, checked (x may be absent when x_adapter is given and dW is not
+// asked for: nothing else reads it): the one the adapters read, x_adapter if given, else x.
+const at::Tensor& backward_adapter_input(const c10::optional<at::Tensor>& x,
+                                         const c10::optional<at::Tensor>& x_adapter,
+                                         bool need_dweight, bool need_dx_adapter);
+
 // The backward's own arguments: dy [N, D_out] in x's dtype, z [N, R_T + R_I] contiguous in the
 // accumulation dtype (float64 for float64, else float32), as the forward returned it.
 void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,

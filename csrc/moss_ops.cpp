@@ -54,26 +54,30 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
   m.def("_C_build_info() -> str", &build_info);
   // The compiled backends' kernels, one schema for every device (csrc/cpu, csrc/cuda); the
   // math and argument order are those of moss_kernels/reference.py forward() and backward().
+  // x_adapter (None: x) is what the adapters read; the backward's x may be None when
+  // x_adapter is given and dW is not asked for (nothing else reads it then).
   m.def(
-      "_ext_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor text_A, Tensor text_B, "
-      "Tensor image_A, Tensor image_B, Tensor route, Tensor nbr, float text_scale, "
-      "float image_scale) -> (Tensor, Tensor)");
+      "_ext_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? x_adapter, Tensor text_A, "
+      "Tensor text_B, Tensor image_A, Tensor image_B, Tensor route, Tensor nbr, "
+      "float text_scale, float image_scale) -> (Tensor, Tensor)");
   m.def(
-      "_ext_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor text_A, Tensor text_B, "
-      "Tensor image_A, Tensor image_B, Tensor z, Tensor route, Tensor nbr_t, float text_scale, "
-      "float image_scale, bool need_dx, bool need_dweight, bool need_dbias) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "_ext_linear_bwd(Tensor dy, Tensor? x, Tensor weight, Tensor? x_adapter, Tensor text_A, "
+      "Tensor text_B, Tensor image_A, Tensor image_B, Tensor z, Tensor route, Tensor nbr_t, "
+      "float text_scale, float image_scale, bool need_dx, bool need_dweight, bool need_dbias, "
+      "bool need_dx_adapter) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The `cuda-emulated` test backend (csrc/emulated/): the CUDA backend's source run on CPU
   // tensors, under ops of its own (the schemas above), and its launch settings.
   m.def(
-      "_emulated_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor text_A, Tensor text_B, "
-      "Tensor image_A, Tensor image_B, Tensor route, Tensor nbr, float text_scale, "
-      "float image_scale) -> (Tensor, Tensor)");
+      "_emulated_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? x_adapter, "
+      "Tensor text_A, Tensor text_B, Tensor image_A, Tensor image_B, Tensor route, Tensor nbr, "
+      "float text_scale, float image_scale) -> (Tensor, Tensor)");
   m.def(
-      "_emulated_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor text_A, Tensor text_B, "
-      "Tensor image_A, Tensor image_B, Tensor z, Tensor route, Tensor nbr_t, float text_scale, "
-      "float image_scale, bool need_dx, bool need_dweight, bool need_dbias) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "_emulated_linear_bwd(Tensor dy, Tensor? x, Tensor weight, Tensor? x_adapter, "
+      "Tensor text_A, Tensor text_B, Tensor image_A, Tensor image_B, Tensor z, Tensor route, "
+      "Tensor nbr_t, float text_scale, float image_scale, bool need_dx, bool need_dweight, "
+      "bool need_dbias, bool need_dx_adapter) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_emulated_configure(int max_blocks, int threads, bool check_writes) -> int[]",
         &emulated_configure);
 }

@@ -109,15 +109,11 @@ class MossLinear(nn.Module):
             None, None]
         scales = (self.text_scale, self.image_scale if images else 1.0)
         weight, bias = self.base.weight, self.base.bias
-        if self.dropout and self.training:
-            # LoRA dropout applies to the adapters' input only: the base GEMM runs on x, the
-            # adapters on dropout(x) against a stride-0 zero weight (the slow path).
-            zero = x.new_zeros(()).expand(weight.shape)
-            delta = mk.moss_linear(F.dropout(x, self.dropout), zero, None, plan, *adapters,
-                                   *scales, backend=self.backend)
-            return F.linear(x, weight, bias) + delta
+        # LoRA dropout applies to the adapters' input only: the base GEMM reads x and the
+        # down-projection dropout(x), in the same call (no second GEMM).
+        x_adapter = F.dropout(x, self.dropout) if self.dropout and self.training else None
         return mk.moss_linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                              plan, *adapters, *scales, backend=self.backend)
+                              plan, *adapters, *scales, backend=self.backend, x_adapter=x_adapter)
 
     def extra_repr(self) -> str:
         return (f"{self.base.in_features} -> {self.base.out_features}, "

@@ -6,8 +6,13 @@ why it cannot run here (if so), and its two entry points, which take the layer's
 
     forward(inputs)                   -> (y [N, D_out] in x's dtype, z [N, R_t + R_i] in the
                                           accumulation dtype, which the backward reads)
-    backward(inputs, dy, z, needs)    -> Grads(x, weight, bias, text_A, ..., image_B); a
-                                          gradient ``needs`` does not ask for is an empty tensor
+    backward(inputs, dy, z, needs)    -> Grads(x, weight, bias, x_adapter, text_A, ...,
+                                          image_B); a gradient ``needs`` does not ask for is an
+                                          empty tensor
+
+The adapters read :attr:`LinearInputs.adapter_input`: ``x_adapter`` when given (LoRA dropout:
+``dropout(x)``), else ``x``. The base GEMM always reads ``x``, the down-projection the adapter
+input, so a separate adapter input costs no second base GEMM (docs/design.md section 3).
 
 Each backend module builds its own record; :data:`_LOADERS` below says how to reach it and, when
 that fails (not built, no GPU, an import error), returns a record that says why. Selection, in
@@ -41,9 +46,11 @@ class BackendUnavailableError(RuntimeError):
 class LinearInputs:
     """One MOSS linear layer's inputs, as every backend's forward and backward read them."""
 
-    x: Tensor  # [N, D_in]
+    # [N, D_in]; None in a backward that reads it for nothing (no dW, and x_adapter given)
+    x: Tensor | None
     weight: Tensor  # [D_out, D_in]
     bias: Tensor | None  # [D_out]; None in the backward (db = sum dy needs no bias)
+    x_adapter: Tensor | None  # [N, D_in] like x: what the adapters read; None: they read x
     text_A: Tensor  # [R_t, D_in]
     text_B: Tensor  # [D_out, R_t]
     image_A: Tensor  # [R_i, D_in, K, K], nn.Conv2d's weight layout
@@ -54,19 +61,29 @@ class LinearInputs:
     text_scale: float
     image_scale: float
 
+    @property
+    def adapter_input(self) -> Tensor:
+        """What the down-projection reads: ``x_adapter`` when given, else ``x``."""
+        return self.x if self.x_adapter is None else self.x_adapter
+
 
 class Needs(NamedTuple):
-    """Which of the frozen layer's gradients the backward computes (adapters' always)."""
+    """Which of the frozen layer's gradients the backward computes (adapters' always).
+
+    ``x``: ``dy W``, plus the adapters' input gradient ``dP A_all`` when ``x_adapter`` is None;
+    ``x_adapter``: that input gradient on its own (only with an ``x_adapter``)."""
 
     x: bool
     weight: bool
     bias: bool
+    x_adapter: bool
 
 
 class Grads(NamedTuple):
     x: Tensor
     weight: Tensor
     bias: Tensor
+    x_adapter: Tensor
     text_A: Tensor
     text_B: Tensor
     image_A: Tensor

@@ -21,12 +21,12 @@ from .backends import Backend, Grads, LinearInputs, Needs
 def _entry_points(fwd, bwd):
     """A backend's forward and backward through the extension ops ``fwd`` / ``bwd``."""
     def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
-        return fwd(a.x, a.weight, a.bias, a.text_A, a.text_B, a.image_A, a.image_B, a.route,
-                   a.nbr, a.text_scale, a.image_scale)
+        return fwd(a.x, a.weight, a.bias, a.x_adapter, a.text_A, a.text_B, a.image_A,
+                   a.image_B, a.route, a.nbr, a.text_scale, a.image_scale)
 
     def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
-        return Grads(*bwd(dy, a.x, a.weight, a.text_A, a.text_B, a.image_A, a.image_B, z,
-                          a.route, a.nbr_t, a.text_scale, a.image_scale, *needs))
+        return Grads(*bwd(dy, a.x, a.weight, a.x_adapter, a.text_A, a.text_B, a.image_A,
+                          a.image_B, z, a.route, a.nbr_t, a.text_scale, a.image_scale, *needs))
 
     return forward, backward
 

@@ -5,11 +5,12 @@ specification. This file holds what all backends share:
 
 * two ``torch.library`` custom ops in the ``moss`` namespace,
 
-      moss::linear_fwd(x, W, b?, A_t, B_t, A_i, B_i, route, nbr, nbr_t, s_t, s_i, backend)
+      moss::linear_fwd(x, W, b?, x_adapter?, A_t, B_t, A_i, B_i, route, nbr, nbr_t, s_t, s_i,
+                       backend)
           -> (y [N, D_out], z [N, R_t + R_i])
-      moss::linear_bwd(dy, x, W, A_t, B_t, A_i, B_i, z, route, nbr_t, s_t, s_i,
-                       need_dx, need_dW, need_db, backend)
-          -> (dx, dW, db, dA_t, dB_t, dA_i, dB_i)     (empty tensors for grads not asked for)
+      moss::linear_bwd(dy, x?, W, x_adapter?, A_t, B_t, A_i, B_i, z, route, nbr_t, s_t, s_i,
+                       need_dx, need_dW, need_db, need_dx_adapter, backend)
+          -> (dx, dW, db, dx_adapter, dA_t, dB_t, dA_i, dB_i)  (empty: grads not asked for)
 
   with fake implementations (shapes only) and registered autograd, so ``torch.compile(
   fullgraph=True)`` traces through them without graph breaks and ``torch.library.opcheck``
@@ -21,6 +22,13 @@ specification. This file holds what all backends share:
   backend's own, read only by that backend's backward (the Triton backend's carries the
   adapter scales, the others' does not).
   ``nbr_t`` is an input of the forward op only so that the autograd context can keep it.
+
+* ``x_adapter``: the adapters' own input, for LoRA dropout (``x_adapter = dropout(x)``):
+  ``y = x W^T + b + expand(route(x_adapter A_all^T))``. The base GEMM reads x and the
+  down-projection x_adapter, each once, so dropout costs no second GEMM; the backward returns
+  ``dx = dy W`` and ``dx_adapter = dP A_all`` apart (with x_adapter None, ``dx`` is their sum,
+  as one GEMM). With a frozen weight and an x_adapter the backward does not read x, and the
+  autograd context does not keep it (an N x D_in tensor per layer less).
 
 * :func:`moss_linear`, the public function: validates, flattens the leading dims of ``x``,
   picks the backend and calls the op.
@@ -43,18 +51,18 @@ __all__ = ["moss_linear"]
 
 @torch.library.custom_op("moss::linear_fwd", mutates_args=())
 def linear_fwd(
-    x: Tensor, weight: Tensor, bias: Tensor | None, text_A: Tensor, text_B: Tensor,
-    image_A: Tensor, image_B: Tensor, route: Tensor, nbr: Tensor, nbr_t: Tensor,
-    text_scale: float, image_scale: float, backend: str,
+    x: Tensor, weight: Tensor, bias: Tensor | None, x_adapter: Tensor | None, text_A: Tensor,
+    text_B: Tensor, image_A: Tensor, image_B: Tensor, route: Tensor, nbr: Tensor,
+    nbr_t: Tensor, text_scale: float, image_scale: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
     return backends.implementation(backend).forward(LinearInputs(
-        x, weight, bias, text_A, text_B, image_A, image_B, route, nbr, nbr_t, text_scale,
-        image_scale))
+        x, weight, bias, x_adapter, text_A, text_B, image_A, image_B, route, nbr, nbr_t,
+        text_scale, image_scale))
 
 
 @linear_fwd.register_fake
-def _linear_fwd_fake(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr, nbr_t,
-                     text_scale, image_scale, backend):
+def _linear_fwd_fake(x, weight, bias, x_adapter, text_A, text_B, image_A, image_B, route, nbr,
+                     nbr_t, text_scale, image_scale, backend):
     y = x.new_empty(x.shape[0], weight.shape[0])
     z = x.new_empty(x.shape[0], text_A.shape[0] + image_A.shape[0],
                     dtype=accumulation_dtype(x.dtype))
@@ -63,51 +71,73 @@ def _linear_fwd_fake(x, weight, bias, text_A, text_B, image_A, image_B, route, n
 
 @torch.library.custom_op("moss::linear_bwd", mutates_args=())
 def linear_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor, text_A: Tensor, text_B: Tensor, image_A: Tensor,
-    image_B: Tensor, z: Tensor, route: Tensor, nbr_t: Tensor, text_scale: float,
-    image_scale: float, need_dx: bool, need_dweight: bool, need_dbias: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    inputs = LinearInputs(x, weight, None, text_A, text_B, image_A, image_B, route, None, nbr_t,
-                          text_scale, image_scale)
+    dy: Tensor, x: Tensor | None, weight: Tensor, x_adapter: Tensor | None, text_A: Tensor,
+    text_B: Tensor, image_A: Tensor, image_B: Tensor, z: Tensor, route: Tensor, nbr_t: Tensor,
+    text_scale: float, image_scale: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
+    need_dx_adapter: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter)
+    inputs = LinearInputs(x, weight, None, x_adapter, text_A, text_B, image_A, image_B, route,
+                          None, nbr_t, text_scale, image_scale)
     grads = backends.implementation(backend).backward(
-        inputs, dy, z, Needs(need_dx, need_dweight, need_dbias))
+        inputs, dy, z, Needs(need_dx, need_dweight, need_dbias, need_dx_adapter))
     return tuple(grads)
 
 
+def _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter) -> None:
+    if x is None and (x_adapter is None or need_dweight):
+        raise ValueError("x: the backward reads it for dW, and for the adapters' gradients when "
+                         "x_adapter is None; got None")
+    if need_dx_adapter and x_adapter is None:
+        raise ValueError("need_dx_adapter: True, but x_adapter is None (the adapters read x, "
+                         "and dx carries their input gradient)")
+
+
 @linear_bwd.register_fake
-def _linear_bwd_fake(dy, x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
-                     text_scale, image_scale, need_dx, need_dweight, need_dbias, backend):
+def _linear_bwd_fake(dy, x, weight, x_adapter, text_A, text_B, image_A, image_B, z, route, nbr_t,
+                     text_scale, image_scale, need_dx, need_dweight, need_dbias, need_dx_adapter,
+                     backend):
+    _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter)
     # Dense row-major, as every backend returns them, whatever the inputs' strides (empty_like
     # of a column-major x would promise a column-major dx, and Inductor would read it so).
     def like(t):
         return t.new_empty(t.shape)
 
+    def rows(need):  # [N, D_in] (x may be None), or empty; outputs never share memory
+        return dy.new_empty(dy.shape[0], weight.shape[1]) if need else dy.new_empty(0)
+
     return (
-        like(x) if need_dx else x.new_empty(0),
-        like(weight) if need_dweight else x.new_empty(0),
-        weight.new_empty(weight.shape[0]) if need_dbias else x.new_empty(0),
+        rows(need_dx),
+        like(weight) if need_dweight else dy.new_empty(0),
+        weight.new_empty(weight.shape[0]) if need_dbias else dy.new_empty(0),
+        rows(need_dx_adapter),
         like(text_A), like(text_B), like(image_A), like(image_B),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, text_A, text_B, image_A, image_B, route, _nbr, nbr_t,
+    (x, weight, bias, x_adapter, text_A, text_B, image_A, image_B, route, _nbr, nbr_t,
      text_scale, image_scale, backend) = inputs
-    ctx.save_for_backward(x, weight, text_A, text_B, image_A, image_B, output[1], route, nbr_t)
+    # dW reads x, and so do the adapters' gradients when they have no input of their own; else
+    # x is not kept (with dropout on a frozen layer, an N x D_in tensor per layer for nothing).
+    # needs_input_grad is set before setup_context runs, eager and under torch.compile alike.
+    keep_x = x_adapter is None or ctx.needs_input_grad[1]
+    ctx.save_for_backward(x if keep_x else None, weight, x_adapter, text_A, text_B, image_A,
+                          image_B, output[1], route, nbr_t)
     ctx.scales = (text_scale, image_scale)
     ctx.backend = backend
 
 
 def _backward(ctx, dy, _dz):
-    x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t = ctx.saved_tensors
+    x, weight, x_adapter, text_A, text_B, image_A, image_B, z, route, nbr_t = ctx.saved_tensors
     need = ctx.needs_input_grad
     # The incoming gradient may be expanded (stride 0, from y.sum()) or non-contiguous.
-    dx, dw, db, da_t, db_t, da_i, db_i = linear_bwd(
-        dy.contiguous(), x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
-        *ctx.scales, need[0], need[1], need[2], ctx.backend,
+    dx, dw, db, dx_a, da_t, db_t, da_i, db_i = linear_bwd(
+        dy.contiguous(), x, weight, x_adapter, text_A, text_B, image_A, image_B, z, route, nbr_t,
+        *ctx.scales, need[0], need[1], need[2], need[3], ctx.backend,
     )
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
-            da_t, db_t, da_i, db_i, None, None, None, None, None, None)
+            dx_a if need[3] else None, da_t, db_t, da_i, db_i, None, None, None, None, None, None)
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -125,6 +155,8 @@ def moss_linear(
     text_scale: float = 1.0,
     image_scale: float = 1.0,
     backend: str | None = None,
+    *,
+    x_adapter: Tensor | None = None,
 ) -> Tensor:
     """``F.linear(x, weight, bias)`` plus the MOSS adapters, routed per token by ``plan``.
 
@@ -138,6 +170,10 @@ def moss_linear(
         text_scale, image_scale: ``alpha / r`` of each adapter.
         backend: ``reference``, ``cpu``, ``cuda``, ``triton`` or None (see
             :mod:`moss_kernels.backends`).
+        x_adapter: what the adapters read instead of ``x`` (shape, dtype and device of ``x``):
+            ``dropout(x)`` for LoRA dropout, which then costs no second GEMM; its gradient
+            is the adapters' input gradient, ``x``'s the base layer's. None: the adapters
+            read ``x``.
 
     Returns:
         ``[..., D_out]`` in ``x.dtype``; under ``torch.autocast`` for ``x``'s device, in the
@@ -153,6 +189,9 @@ def moss_linear(
     if x.dim() < 1 or x.shape[-1] != d_in:
         raise ValueError(f"x: expected last dim D_in={d_in} (weight is [{d_out}, {d_in}]), got "
                          f"shape {tuple(x.shape)}")
+    if x_adapter is not None:
+        _check_tensor("x_adapter", x_adapter, dtype=x.dtype, device=x.device,
+                      shape=tuple(x.shape))
     if bias is not None:
         _check_tensor("bias", bias, dtype=x.dtype, device=x.device, shape=(d_out,))
     if not isinstance(plan, RoutingPlan):
@@ -174,9 +213,10 @@ def moss_linear(
     if x2.shape[0] != plan.num_tokens:
         raise ValueError(f"x: its leading dims {tuple(lead)} hold {x2.shape[0]} tokens but the "
                          f"plan was built for {plan.num_tokens} (layout {plan.shape})")
+    xa2 = None if x_adapter is None else x_adapter.reshape(x2.shape)
     name = backends.resolve(backend, x.device.type, x.dtype)
-    y, _ = linear_fwd(x2, weight, bias, text_A, text_B, image_A, image_B, plan.route, plan.nbr,
-                      plan.nbr_t, float(text_scale), float(image_scale), name)
+    y, _ = linear_fwd(x2, weight, bias, xa2, text_A, text_B, image_A, image_B, plan.route,
+                      plan.nbr, plan.nbr_t, float(text_scale), float(image_scale), name)
     return y.view(*lead, d_out)
 
 

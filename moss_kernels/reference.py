@@ -1,12 +1,14 @@
 """Reference backend: the MOSS linear forward and backward in plain PyTorch, the specification
 every other backend is tested against (docs/design.md sections 1 and 3).
 
-It follows the rank-space decomposition step for step, every D-wide operation a dense GEMM:
+It follows the rank-space decomposition step for step, every D-wide operation a dense GEMM
+(u is the adapters' input: ``x_adapter`` when given, else x):
 
-    P = x A_all^T;  z_t = P_text on text rows;  z_i = sum_tap P_tap[nbr[:, tap]]
+    P = u A_all^T;  z_t = P_text on text rows;  z_i = sum_tap P_tap[nbr[:, tap]]
     y = x W^T + b + z Bcat^T                                          Bcat = [s_t B_t | s_i B_i]
     dB = dy^T z (scaled);  dz = dy Bcat;  dP = dz_t on text rows | dz_i[nbr_t[:, tap]]
-    dA_all = dP^T x;  dx = dy W + dP A_all;  dW = dy^T x;  db = sum dy
+    dA_all = dP^T u;  du = dP A_all;  dW = dy^T x;  db = sum dy
+    dx = dy W + du (x_adapter None), or dx = dy W and dx_adapter = du
 
 What it does differently: it runs on any device and in any floating dtype, float64 included;
 half-precision inputs are computed in float32 and rounded once at the end, and ``z`` is
@@ -59,7 +61,7 @@ def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
     n, r_t, (r_i, _, k, _) = x.shape[0], text_A.shape[0], image_A.shape
     kk = k * k
     xa = x.to(acc)
-    p = xa @ stack_down(text_A, image_A).to(acc).t()  # [N, R_t + KK*R_i]
+    p = a.adapter_input.to(acc) @ stack_down(text_A, image_A).to(acc).t()  # [N, R_t + KK*R_i]
     # where, not a 0/1 multiply: a NaN in text_A must not reach other tokens (0 * NaN = NaN).
     z_t = torch.where((a.route == 0).unsqueeze(1), p[:, :r_t], 0)
     taps = p[:, r_t:].reshape(n, kk, r_i)
@@ -74,11 +76,11 @@ def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
 
 def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
     """Every gradient; one that ``needs`` does not ask for is an empty tensor."""
-    x, weight, text_A, text_B, image_A, image_B = (a.x, a.weight, a.text_A, a.text_B, a.image_A,
-                                                   a.image_B)
-    acc = accumulation_dtype(x.dtype)
+    u, weight, text_A, text_B, image_A, image_B = (a.adapter_input, a.weight, a.text_A, a.text_B,
+                                                   a.image_A, a.image_B)
+    acc = accumulation_dtype(dy.dtype)
     r_t = text_A.shape[0]
-    dya, xa, za = dy.to(acc), x.to(acc), z.to(acc)
+    dya, za = dy.to(acc), z.to(acc)
     z_t, z_i = za[:, :r_t], za[:, r_t:]
     d_text_B = (dya.t() @ z_t * a.text_scale).to(text_B.dtype)
     d_image_B = (dya.t() @ z_i * a.image_scale).to(image_B.dtype)
@@ -87,13 +89,19 @@ def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
     dp_taps = _with_zero_row(dz[:, r_t:])[_rows(a.nbr_t)]  # [N, KK, R_i]: dz_i[nbr_t[s, tap]]
     dp = torch.cat([dp_t, dp_taps.flatten(1)], dim=1)
     a_all = stack_down(text_A, image_A).to(acc)
-    d_text_A, d_image_A = split_down(dp.t() @ xa, r_t, image_A.shape)
-    dx = (dya @ weight.to(acc) + _expand(a.route, dp, a_all.t(), r_t)).to(x.dtype) if needs.x \
-        else x.new_empty(0)
-    dw = (dya.t() @ xa).to(weight.dtype) if needs.weight else x.new_empty(0)
-    db = dya.sum(0).to(weight.dtype) if needs.bias else x.new_empty(0)
-    return Grads(dx, dw, db, d_text_A.to(text_A.dtype), d_text_B, d_image_A.to(image_A.dtype),
-                 d_image_B)
+    d_text_A, d_image_A = split_down(dp.t() @ u.to(acc), r_t, image_A.shape)
+    # du, the adapters' input gradient: a term of dx when they read x, else x_adapter's own.
+    in_dx = a.x_adapter is None
+    du = _expand(a.route, dp, a_all.t(), r_t) if needs.x_adapter or (needs.x and in_dx) else None
+    dx = dy.new_empty(0)
+    if needs.x:
+        dx = dya @ weight.to(acc)
+        dx = (dx + du if in_dx else dx).to(dy.dtype)
+    dx_adapter = du.to(dy.dtype) if needs.x_adapter else dy.new_empty(0)
+    dw = (dya.t() @ a.x.to(acc)).to(weight.dtype) if needs.weight else dy.new_empty(0)
+    db = dya.sum(0).to(weight.dtype) if needs.bias else dy.new_empty(0)
+    return Grads(dx, dw, db, dx_adapter, d_text_A.to(text_A.dtype), d_text_B,
+                 d_image_A.to(image_A.dtype), d_image_B)
 
 
 def _expand(route: Tensor, z: Tensor, w: Tensor, r_t: int) -> Tensor:

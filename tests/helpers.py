@@ -141,24 +141,26 @@ def special_layouts() -> list[Layout]:
 
 
 def run_layer(layout, k, causal, params, dtype, backend, device=DEVICE, scales=(1.5, 0.5),
-         grad=(-1.0, 1.0)):
-    """``moss_linear`` on ``backend``: its output and every gradient, for ``dy = linspace(*grad)``
-    (made in float64, then rounded)."""
+              grad=(-1.0, 1.0), frozen=()):
+    """``moss_linear`` on ``backend``: its output and the gradient of every parameter not in
+    ``frozen``, for ``dy = linspace(*grad)`` (made in float64, then rounded). A ``x_adapter``
+    in ``params`` is passed as the adapters' own input."""
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
                                      causal=causal, cu_seqlens=layout.cu_seqlens).to(device)
-    leaves = {n: v.detach().to(device, dtype).requires_grad_()
+    leaves = {n: v.detach().to(device, dtype).requires_grad_(n not in frozen)
               for n, v in params.items() if v is not None}
     y = mk.moss_linear(leaves["x"], leaves["weight"], leaves.get("bias"), plan,
-                       *(leaves[n] for n in ADAPTERS), *scales, backend=backend)
+                       *(leaves[n] for n in ADAPTERS), *scales, backend=backend,
+                       x_adapter=leaves.get("x_adapter"))
     y.backward(torch.linspace(*grad, y.numel(), dtype=torch.float64).to(device, dtype).view_as(y))
-    return {"y": y.detach(), **{n: v.grad for n, v in leaves.items()}}
+    return {"y": y.detach(), **{n: v.grad for n, v in leaves.items() if n not in frozen}}
 
 
-def check_backend(layout, k, causal, params, dtype, backend, device=DEVICE):
+def check_backend(layout, k, causal, params, dtype, backend, device=DEVICE, frozen=()):
     """``backend``'s output and gradients against float64, by :func:`within_tolerance`."""
-    want = run_layer(layout, k, causal, params, torch.float64, "reference", device)
-    ref = run_layer(layout, k, causal, params, dtype, "reference", device)
-    got = run_layer(layout, k, causal, params, dtype, backend, device)
+    want = run_layer(layout, k, causal, params, torch.float64, "reference", device, frozen=frozen)
+    ref = run_layer(layout, k, causal, params, dtype, "reference", device, frozen=frozen)
+    got = run_layer(layout, k, causal, params, dtype, backend, device, frozen=frozen)
     for name, value in got.items():
         assert value.dtype == dtype and value.shape == want[name].shape, name
         assert within_tolerance(value, ref[name], want[name], dtype), name
@@ -185,12 +187,14 @@ def conv2d_formulation(x, weight, bias, layout: Layout, text_A, text_B, image_A,
     return y
 
 
-def make_params(gen, n, d_in, d_out, r_t, r_i, k, dtype=torch.float64, bias=True):
-    """Random (never zero) inputs for one MOSS linear, scaled to keep values O(1)."""
+def make_params(gen, n, d_in, d_out, r_t, r_i, k, dtype=torch.float64, bias=True,
+                x_adapter=False):
+    """Random (never zero) inputs for one MOSS linear, scaled to keep values O(1); with
+    ``x_adapter``, a distinct adapter input too (as dropout(x) would be: x's shape)."""
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
-    return dict(
+    params = dict(
         x=rand(n, d_in), weight=rand(d_out, d_in, scale=d_in ** -0.5),
         bias=rand(d_out) if bias else None,
         text_A=rand(r_t, d_in, scale=d_in ** -0.5),
@@ -198,6 +202,9 @@ def make_params(gen, n, d_in, d_out, r_t, r_i, k, dtype=torch.float64, bias=True
         image_A=rand(r_i, d_in, k, k, scale=d_in ** -0.5),
         image_B=rand(d_out, r_i, scale=max(r_i, 1) ** -0.5),
     )
+    if x_adapter:
+        params["x_adapter"] = rand(n, d_in)
+    return params
 
 
 class Interrupted(BaseException):

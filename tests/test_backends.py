@@ -2,7 +2,9 @@
 
 Without a GPU that is the ``cpu`` backend (C++), ``cuda-emulated`` (the CUDA backend's source on
 CPU tensors) and ``triton`` in Triton's interpreter; with one, ``triton`` and ``cuda`` compiled.
-Each is checked in the dtypes its record says it supports here; float64 gets gradcheck.
+Each is checked in the dtypes its record says it supports here; float64 gets gradcheck. Each is
+also checked with the adapters reading an input of their own (``x_adapter``, as dropout(x)):
+``dx`` then is the base layer's gradient and ``dx_adapter`` the adapters'.
 """
 
 import pytest
@@ -12,6 +14,7 @@ import moss_kernels as mk
 from moss_kernels import backends, reference
 
 from helpers import (
+    ADAPTERS,
     BACKENDS,
     DEVICE,
     FUSED,
@@ -42,6 +45,32 @@ def test_matches_reference_on_every_layout(index, k, causal, backend, dtype, gen
     check_backend(layout, k, causal, make_params(gen, layout.n, 37, 29, 3, 5, k), dtype, backend)
 
 
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("k,causal", [(1, True), (2, True), (3, False)])
+@pytest.mark.parametrize("index", [3, 7, 10, 13, 16])
+@pytest.mark.parametrize("frozen", [(), ("weight", "bias"), ("weight", "bias", "x_adapter")])
+def test_separate_adapter_input_matches_reference(index, k, causal, frozen, backend, dtype, gen):
+    """A distinct x_adapter: y, dx (= dy W), dx_adapter, dW, db and the adapters' gradients;
+    with the layer frozen (LoRA dropout: no dW, so the backward never reads x); and with an
+    adapter input that needs no gradient either."""
+    layout = LAYOUTS[index]
+    params = make_params(gen, layout.n, 37, 29, 3, 5, k, x_adapter=True)
+    check_backend(layout, k, causal, params, dtype, backend, frozen=frozen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapter_input_equal_to_x_is_the_plain_layer(backend, gen):
+    """x_adapter = x gives y as without it, and dx + dx_adapter is the plain layer's dx."""
+    layout = random_layout(2, p_image=0.6)
+    params = make_params(gen, layout.n, 21, 18, 4, 4, 2)
+    plain = run_layer(layout, 2, True, params, torch.float32, backend)
+    split = run_layer(layout, 2, True, params | {"x_adapter": params["x"]}, torch.float32,
+                      backend)
+    for name in ("y", "weight", "bias", *ADAPTERS):
+        torch.testing.assert_close(split[name], plain[name], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split["x"] + split["x_adapter"], plain["x"], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("r_t,r_i", [(1, 1), (4, 0), (0, 6), (17, 33), (256, 256)])
 def test_ranks(r_t, r_i, backend, gen):
@@ -63,17 +92,22 @@ def test_long_layout_crosses_row_blocks(backend, gen):
     check_backend(layout, 2, True, params, torch.float32, backend)
 
 
-@pytest.mark.parametrize("backend", [b for b in FUSED
+@pytest.mark.parametrize("backend", [b for b in BACKENDS
                                      if backends.backend(b).supports(torch.float64)])
-def test_gradcheck_float64(backend, gen):
+@pytest.mark.parametrize("separate", [False, True])
+def test_gradcheck_float64(backend, separate, gen):
     layout = special_layouts()[3]
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(),
                                      kernel_size=2).to(DEVICE)
-    p = make_params(gen, layout.n, 5, 4, 2, 3, 2)
-    inputs = tuple(p[n].to(DEVICE).requires_grad_() for n in PARAMS)
-    assert torch.autograd.gradcheck(
-        lambda *a: mk.moss_linear(a[0], a[1], a[2], plan, *a[3:], 0.5, 2.0, backend=backend),
-        inputs)
+    p = make_params(gen, layout.n, 5, 4, 2, 3, 2, x_adapter=separate)
+    names = PARAMS + (("x_adapter",) if separate else ())
+    inputs = tuple(p[n].to(DEVICE).requires_grad_() for n in names)
+
+    def layer(x, weight, bias, *rest):
+        return mk.moss_linear(x, weight, bias, plan, *rest[:4], 0.5, 2.0, backend=backend,
+                              x_adapter=rest[4] if separate else None)
+
+    assert torch.autograd.gradcheck(layer, inputs)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -115,15 +149,18 @@ FP16_MAX = torch.finfo(torch.float16).max
     (b, d) for b in BACKENDS for d in (torch.float16, torch.bfloat16)
     if backends.backend(b).supports(d)])
 @pytest.mark.parametrize("case", sorted(RANGE_CASES))
-def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, gen):
+@pytest.mark.parametrize("separate", [False, True])
+def test_half_inputs_with_intermediates_past_fp16_range(case, separate, backend, dtype, gen):
     """Sums that fit in fp32 never overflow: outputs and gradients match float64 (the
-    reference within its dtype's tolerance, a fused backend within twice its error)."""
+    reference within its dtype's tolerance, a fused backend within twice its error); also
+    with an x_adapter, whose gradient dP A_all is then computed on its own."""
     layout, f = LAYOUTS[3], RANGE_CASES[case]
-    params = make_params(gen, layout.n, 37, 29, 3, 5, 2)
-    for names, factor in ((("x",), f["x"]), (("text_A", "image_A"), f["A"]),
+    params = make_params(gen, layout.n, 37, 29, 3, 5, 2, x_adapter=separate)
+    for names, factor in ((("x", "x_adapter"), f["x"]), (("text_A", "image_A"), f["A"]),
                           (("text_B", "image_B"), f["B"])):
         for name in names:
-            params[name] = params[name] * factor
+            if name in params:
+                params[name] = params[name] * factor
     # dy of one sign: db = sum dy must not cancel, or its error would measure the rounding of
     # dy to the dtype, not the range.
     grad = (0.25 * f["dy"], f["dy"])
@@ -131,8 +168,9 @@ def test_half_inputs_with_intermediates_past_fp16_range(case, backend, dtype, ge
     # The premise, in float64: the intermediate passes fp16's range and every output fits.
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(),
                                      cu_seqlens=layout.cu_seqlens)
-    _, z = reference.forward(backends.LinearInputs(*(params[n] for n in PARAMS), plan.route,
-                                                   plan.nbr, plan.nbr_t, 1.5, 0.5))
+    _, z = reference.forward(backends.LinearInputs(
+        *(params[n] for n in PARAMS[:3]), params.get("x_adapter"),
+        *(params[n] for n in ADAPTERS), plan.route, plan.nbr, plan.nbr_t, 1.5, 0.5))
     dy = torch.linspace(*grad, want["y"].numel(), dtype=torch.float64).view_as(want["y"])
     dz = dy @ torch.cat([params["text_B"] * 1.5, params["image_B"] * 0.5], dim=1)
     assert (z if case == "taps" else dz).abs().max() > 2 * FP16_MAX

@@ -59,6 +59,22 @@ errors(LINEAR, "`weight`, `bias` or an adapter tensor in another dtype than `x`"
 errors(LINEAR, "`weight`, `bias` or an adapter tensor on another device than `x`", ValueError,
        "{name}: expected device cpu like x, got meta",
        [(dict(name=n), lambda n=n: linear(**{n: lambda a: a[n].to("meta")})) for n in PARAMS[1:]])
+error(LINEAR, "`x_adapter` not a tensor", TypeError,
+      "x_adapter: expected a torch.Tensor, got list",
+      lambda: linear(x_adapter=lambda a: a["x"].tolist()))
+error(LINEAR, "`x_adapter` integer", TypeError,
+      "x_adapter: expected a floating-point tensor, got torch.int64",
+      lambda: linear(x_adapter=lambda a: a["x"].long()))
+error(LINEAR, "`x_adapter` in another dtype than `x`", TypeError,
+      "x_adapter: expected dtype torch.float32 like x, got torch.float64",
+      lambda: linear(x_adapter=lambda a: a["x"].double()))
+error(LINEAR, "`x_adapter` on another device than `x`", ValueError,
+      "x_adapter: expected device cpu like x, got meta",
+      lambda: linear(x_adapter=lambda a: a["x"].to("meta")))
+error(LINEAR, "`x_adapter` not `x`'s shape (even with as many elements)", ValueError,
+      "x_adapter: expected shape (12, 9), got",
+      lambda: linear(x_adapter=lambda a: a["x"][:-1]),
+      lambda: linear(x_adapter=lambda a: a["x"].reshape(2, 6, 9)))
 error(LINEAR, "`plan` not a RoutingPlan", TypeError,
       "plan: expected a moss_kernels.RoutingPlan, got str", lambda: linear(plan="plan"))
 error(LINEAR, "`plan` on another device than `x`", ValueError,
@@ -198,21 +214,29 @@ def _nan_in_x():
     nan_reaches_exactly_its_readers()
 
 
-def _nonfinite(edit, grad: bool = False) -> dict[str, torch.Tensor]:
+def _nonfinite(edit, grad: bool = False, separate: bool = False) -> dict[str, torch.Tensor]:
     """Per backend, which outputs ``[N, D_out]`` (``grad``: which entries of dx ``[N, D_in]``)
-    are NaN or Inf after ``edit(params)``."""
+    are NaN or Inf after ``edit(params)``. ``separate``: the adapters read ``x_adapter``, a copy
+    of x that ``edit`` may change apart, and with ``grad`` dx and dx_adapter are returned side
+    by side (``[N, 2 D_in]``)."""
     plan, p = linear_inputs()
+    if separate:
+        p["x_adapter"] = p["x"].clone()
     edit(p)
     found = {}
     with warnings.catch_warnings():  # numpy, under Triton's interpreter: "invalid value"
         warnings.simplefilter("ignore", RuntimeWarning)
         for name in CPU_BACKENDS:
             x = p["x"].clone().requires_grad_(grad)
+            x_adapter = p["x_adapter"].clone().requires_grad_(grad) if separate else None
             y = mk.moss_linear(x, p["weight"], p["bias"], plan, *(p[n] for n in ADAPTERS),
-                               backend=name)
+                               backend=name, x_adapter=x_adapter)
             if grad:
                 y.backward(torch.ones_like(y))
-            found[name] = ~(x.grad if grad else y).isfinite()
+                found[name] = ~torch.cat([x.grad, x_adapter.grad] if separate else [x.grad],
+                                         1).isfinite()
+            else:
+                found[name] = ~y.isfinite()
     return found
 
 
@@ -225,6 +249,20 @@ def _inf_in_x():
     readers[t] = True
     for name, bad in _nonfinite(lambda p: p["x"][t].fill_(INF)).items():
         assert torch.equal(bad.any(1), readers) and bad[t].all(), name
+
+
+@behaviour(LINEAR, "NaN / Inf in `x_adapter[t]`",
+           "non-finite in exactly the outputs whose adapter reads t: t's unless it is padding, "
+           "and the image tokens whose window reads t (the base layer reads `x`)")
+def _nan_in_x_adapter():
+    plan, _ = linear_inputs()
+    for t in range(plan.num_tokens):
+        readers = (plan.nbr == t).any(1)  # image tokens, t itself included if it is one
+        readers[t] |= bool(plan.route[t] == 0)
+        for value in (NAN, INF):
+            edit = lambda p, t=t, v=value: p["x_adapter"][t].fill_(v)  # noqa: E731
+            for name, bad in _nonfinite(edit, separate=True).items():
+                assert torch.equal(bad.any(1), readers), (t, value, name)
 
 
 @behaviour(LINEAR, "NaN / Inf in `weight[j]` or `bias[j]`",
@@ -266,14 +304,19 @@ def _nan_in_up_projection():
 
 @behaviour(LINEAR, "NaN / Inf in `text_A[:, d]` or `image_A[:, d]`, in the backward",
            "`x.grad` column d of exactly the tokens of that adapter's route (the transposed "
-           "expand `dP A_all` is kept to each route's rows)")
+           "expand `dP A_all` is kept to each route's rows); with an `x_adapter`, "
+           "`x_adapter.grad`'s, and `x.grad` (the base layer's) stays finite")
 def _nan_in_down_projection_backward():
     plan, _ = linear_inputs()
+    d_in = 9
     for adapter, kind in (("text_A", 0), ("image_A", 1)):
         mine = plan.route == kind
         edit = lambda p, a=adapter: p[a][1, 4].fill_(NAN)  # noqa: E731
-        for name, bad in _nonfinite(edit, grad=True).items():
-            assert torch.equal(bad[:, 4], mine) and bad.sum() == mine.sum(), (adapter, name)
+        for separate in (False, True):
+            col = 4 + d_in * separate  # dx_adapter's column 4, after dx's D_in columns
+            for name, bad in _nonfinite(edit, grad=True, separate=separate).items():
+                assert torch.equal(bad[:, col], mine) and bad.sum() == mine.sum(), (
+                    adapter, separate, name)
 
 
 test_row = catalogue.test()

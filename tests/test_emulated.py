@@ -33,10 +33,12 @@ def launch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_every_element_is_written_by_exactly_one_thread(blocks, threads, dtype, launch, gen):
     """Fewer threads than elements (the grid-stride loop takes many strides), more threads than
-    elements (the bounds guard), and odd shapes; every launch checked element by element."""
+    elements (the bounds guard), and odd shapes; every launch checked element by element. The
+    second layout's adapters read an input of their own (x_adapter): dx_adapter is poisoned
+    apart from dx."""
     launch(blocks, threads, check_writes=True)
-    for layout in (special_layouts()[3], random_layout(5, p_image=0.6)):
-        params = make_params(gen, layout.n, 7, 5, 2, 3, 2)
+    for layout, separate in ((special_layouts()[3], False), (random_layout(5, p_image=0.6), True)):
+        params = make_params(gen, layout.n, 7, 5, 2, 3, 2, x_adapter=separate)
         check_backend(layout, 2, True, params, dtype, "cuda-emulated")
 
 

@@ -5,7 +5,8 @@ backend): x (for dA and dW), the frozen weight (for dx) and the four adapter mat
 dz, A_all for dx), all without a copy; the plan's ``route`` and ``nbr_t`` (to mask and gather
 dz into dP); and one new tensor, z ``[N, R_t + R_i]`` in the accumulation dtype (fp32 for half
 inputs: dB = dy^T z), R / D_in the size of x. Not the tap products P ``[N, R_t + K^2 R_i]``
-(the backward needs dP, which is gathered from dz, not P), not ``nbr``, the bias or y.
+(the backward needs dP, which is gathered from dz, not P), not ``nbr``, the bias or y. With an
+``x_adapter`` (dropout(x)) it keeps that instead of x, and x only if dW needs it.
 
 The peak is measured with :func:`moss_kernels.memory.cpu_peak_bytes` (the profiler's allocator
 events), the same function ``moss bench`` reports on CPUs.
@@ -52,12 +53,12 @@ def _leaves(dtype):
 
 def _forward(leaves, backend):
     return mk.moss_linear(*(leaves[n] for n in PARAMS[:3]), PLAN, *(leaves[n] for n in ADAPTERS),
-                          1.5, 0.5, backend=backend)
+                          1.5, 0.5, backend=backend, x_adapter=leaves.get("x_adapter"))
 
 
-def _saved(backend, dtype):
+def _saved(backend, dtype, leaves=None):
     """The tensors autograd keeps for the backward, and the leaves they came from."""
-    leaves, saved = _leaves(dtype), []
+    leaves, saved = leaves or _leaves(dtype), []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         _forward(leaves, backend)
     return saved, leaves
@@ -77,6 +78,20 @@ def test_backward_saves_only_what_it_needs(backend, dtype):
     assert set(_storages(saved)) == set(inputs) | set(_storages(new))
     ref_saved, _ = _saved("reference", dtype)
     assert sum(_storages(saved).values()) <= sum(_storages(ref_saved).values())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("frozen", [True, False])
+def test_with_an_adapter_input_x_is_kept_only_for_dw(backend, frozen):
+    """LoRA dropout on a frozen layer keeps one N x D_in tensor, as without dropout: the
+    adapters' input (their gradients read it), not x (only dW would)."""
+    leaves = _leaves(torch.float32)
+    leaves["weight"].requires_grad_(not frozen)
+    leaves["x_adapter"] = torch.nn.functional.dropout(leaves["x"], 0.5)
+    saved, _ = _saved(backend, torch.float32, leaves)
+    kept = _storages(saved)
+    assert leaves["x_adapter"].untyped_storage().data_ptr() in kept
+    assert (leaves["x"].untyped_storage().data_ptr() in kept) == (not frozen)
 
 
 @pytest.fixture

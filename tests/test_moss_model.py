@@ -9,8 +9,20 @@ import torch
 
 import moss_kernels as mk
 from moss import MossConfig, MossModel, get_moss_model
+from moss.layer import MossLinear
+from moss.router import Router
 
-from helpers import GRID, IMG, Interrupted, interrupt_at, tiny_chameleon, tiny_llama
+from helpers import (
+    CPU_BACKENDS,
+    GRID,
+    IMG,
+    Interrupted,
+    conv2d_formulation,
+    interrupt_at,
+    random_layout,
+    tiny_chameleon,
+    tiny_llama,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,6 +181,56 @@ def test_dropout_applies_to_the_adapters_only_and_only_in_training():
         torch.testing.assert_close(moss(input_ids=ids).logits, plain(input_ids=ids).logits)
         moss.train()
         assert not torch.allclose(moss(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_is_the_adapters_reading_dropout_x_in_one_call(backend):
+    """In training, y = base(x) + adapters(dropout(x)) with the mask a fixed seed draws, and so
+    are the gradients (x gets the base's plus the adapters' through the mask), against the
+    paper's eager formulation; in eval, dropout is ignored."""
+    layout = random_layout(3, p_image=0.6)
+    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=2,
+                                     cu_seqlens=layout.cu_seqlens)
+    torch.manual_seed(0)
+    router, p = Router(), 0.3
+    layer = MossLinear(torch.nn.Linear(12, 10), MossConfig(r_text=3, r_image=4, dropout=p,
+                                                           backend=backend), router)
+    with torch.no_grad():
+        layer.text_B.normal_(), layer.image_B.normal_()
+    x = torch.randn(layout.n, 12)
+    dy = torch.randn(layout.n, 10)
+
+    def run(training):
+        layer.train(training)
+        leaf = x.clone().requires_grad_()
+        router.begin_plan(lambda window, with_images: plan)
+        try:
+            torch.manual_seed(7)
+            y = layer(leaf)
+        finally:
+            router.end()
+        y.backward(dy)
+        return y.detach(), leaf.grad, layer.text_A.grad, layer.image_B.grad
+
+    def formulation(training):
+        leaf = x.clone().requires_grad_()
+        adapters = [t.detach().clone().requires_grad_() for t in (
+            layer.text_A, layer.text_B, layer.image_A, layer.image_B)]
+        torch.manual_seed(7)
+        x_adapter = torch.nn.functional.dropout(leaf, p, training)
+        base = layer.base(leaf)
+        y = base + conv2d_formulation(x_adapter, torch.zeros_like(layer.base.weight), None,
+                                      layout, *adapters, layer.text_scale, layer.image_scale,
+                                      causal=True)
+        y.backward(dy)
+        return y.detach(), leaf.grad, adapters[0].grad, adapters[3].grad
+
+    for training in (True, False):
+        layer.zero_grad()
+        for got, want in zip(run(training), formulation(training)):  # fp32, sums reordered
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    train, plain = run(True)[0], run(False)[0]
+    assert not torch.allclose(train, plain)  # the mask did something
 
 
 def test_save_and_load_round_trip(tmp_path):

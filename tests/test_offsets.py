@@ -16,7 +16,8 @@ dy through their strides, so their own offset arithmetic is what is checked (it 
 K offsets in int32, overflowing for dy^T), and so do the C++ CPU kernels for x (the tap
 products and dA read x's rows through its row stride, csrc/cpu/rank_kernels.h; dy is made
 contiguous first). The reference hands x and dy to ATen GEMMs: for it this checks that such
-views are accepted and read correctly, the offsets being ATen's.
+views are accepted and read correctly, the offsets being ATen's. Each case runs twice: the
+adapters reading x, and reading the same view passed as their own input (``x_adapter``).
 """
 
 import pytest
@@ -36,19 +37,23 @@ CASES = [(b, d) for b in CPU_BACKENDS for d in (torch.float32, torch.float16)
          if backends.backend(b).supports(d)]
 
 
-def _ops(x, dy, p, plan, backend):
-    """(y, dx, dW, db, dA_t, dB_t, dA_i, dB_i) from the ops, as given (no copies)."""
+def _ops(x, dy, p, plan, backend, separate):
+    """(y, dx, dW, db, dx_adapter, dA_t, dB_t, dA_i, dB_i) from the ops, as given (no copies);
+    ``separate``: x is also passed as x_adapter, so the adapters read it as their own input."""
     adapters = [p[n] for n in ADAPTERS]
-    y, z = linear_fwd(x, p["weight"], p["bias"], *adapters, plan.route, plan.nbr, plan.nbr_t,
-                      *SCALES, backend)
-    grads = linear_bwd(dy, x, p["weight"], *adapters, z, plan.route, plan.nbr_t, *SCALES,
-                       True, True, True, backend)
+    x_adapter = x if separate else None
+    y, z = linear_fwd(x, p["weight"], p["bias"], x_adapter, *adapters, plan.route, plan.nbr,
+                      plan.nbr_t, *SCALES, backend)
+    grads = linear_bwd(dy, x, p["weight"], x_adapter, *adapters, z, plan.route, plan.nbr_t,
+                       *SCALES, True, True, True, separate, backend)
     return (y, *grads)
 
 
 @pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("stride", [2**30 + 7, 2**31 + 13])
-def test_strided_views_past_2_to_the_31_elements(stride, backend, dtype, gen, tmp_path):
+@pytest.mark.parametrize("separate", [False, True])
+def test_strided_views_past_2_to_the_31_elements(stride, separate, backend, dtype, gen,
+                                                 tmp_path):
     n = LAYOUT.n
     plan = mk.RoutingPlan.from_spans(LAYOUT.route_tensor(), LAYOUT.spans(), kernel_size=2)
     p = make_params(gen, n, D_IN, D_OUT, 2, 3, 2)
@@ -65,9 +70,9 @@ def test_strided_views_past_2_to_the_31_elements(stride, backend, dtype, gen, tm
         dy.copy_(dy64)
         assert x.stride(0) * (n - 1) >= 2**31 and x.storage_offset() == 0
         params = {k: v.to(dtype) for k, v in p.items()}
-        got = _ops(x, dy, params, plan, backend)
-        want = _ops(p["x"], dy64, p, plan, "reference")
-        ref = _ops(x.contiguous(), dy.contiguous(), params, plan, "reference")
+        got = _ops(x, dy, params, plan, backend, separate)
+        want = _ops(p["x"], dy64, p, plan, "reference", separate)
+        ref = _ops(x.contiguous(), dy.contiguous(), params, plan, "reference", separate)
         for i, value in enumerate(got):
             assert value.dtype == dtype and value.shape == want[i].shape, i
             assert within_tolerance(value, ref[i], want[i], dtype), i

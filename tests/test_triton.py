@@ -1,7 +1,7 @@
 """Triton launch settings that only a GPU would feel, checked where a CPU can: autotuning keyed
-on bucketed sizes, the switch that turns it off, and outputs poisoned with NaN in tests. (The
-kernels' correctness: tests/test_backends.py, in the interpreter; their compilation for sm_90:
-tests/test_triton_compile.py.)"""
+on bucketed sizes, the switch that turns it off, outputs poisoned with NaN in tests, and which
+GEMMs a layer with an x_adapter launches. (The kernels' correctness: tests/test_backends.py, in
+the interpreter; their compilation for sm_90: tests/test_triton_compile.py.)"""
 
 import os
 import subprocess
@@ -9,6 +9,10 @@ import sys
 
 import pytest
 import torch
+
+import moss_kernels as mk
+
+from helpers import ADAPTERS, make_params, special_layouts
 
 pytest.importorskip("triton")
 gemm = pytest.importorskip("moss_kernels.triton.gemm")
@@ -85,7 +89,33 @@ def test_launches_run_with_the_tensors_gpu_current(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device",
                         lambda d: contextlib.nullcontext(switched.append(d)))
     guarded = backend._on_device(lambda a, *rest: ("ran", rest))
-    on_gpu1 = SimpleNamespace(x=SimpleNamespace(device=torch.device("cuda", 1)))
+    on_gpu1 = SimpleNamespace(weight=SimpleNamespace(device=torch.device("cuda", 1)))
     assert guarded(on_gpu1, 7) == ("ran", (7,)) and switched == [torch.device("cuda", 1)]
-    assert guarded(SimpleNamespace(x=torch.zeros(1)), 7) == ("ran", (7,)) and len(switched) == 1
+    assert guarded(SimpleNamespace(weight=torch.zeros(1)), 7) == ("ran", (7,)) and len(
+        switched) == 1
     assert backend.forward.__wrapped__ and backend.backward.__wrapped__
+
+
+def test_the_adapter_input_is_read_by_the_tap_products_only(monkeypatch, gen):
+    """With an x_adapter the tap-product GEMM reads it and the base GEMM (the expand fused in)
+    reads x: one launch each, as without it; the backward launches dx_adapter = dP A_all, a
+    reduction over the C tap columns, and no second GEMM over D (dx = dy W is cuBLAS's)."""
+    from moss_kernels import triton as backend
+
+    launches = []
+    launch = backend.launch_gemm
+    monkeypatch.setattr(backend, "launch_gemm",
+                        lambda a, b, **kw: launches.append((a, b, kw)) or launch(a, b, **kw))
+    layout = special_layouts()[3]
+    plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=2)
+    p = make_params(gen, layout.n, 9, 6, 3, 4, 2, dtype=torch.float32, x_adapter=True)
+    x, x_adapter = p["x"].requires_grad_(), p["x_adapter"].requires_grad_()
+    y = mk.moss_linear(x, p["weight"], p["bias"], plan, *(p[n] for n in ADAPTERS),
+                       backend="triton", x_adapter=x_adapter)
+    taps, base = launches
+    assert taps[0].data_ptr() == x_adapter.data_ptr() and "route" in taps[2]
+    assert base[0].data_ptr() == x.data_ptr() and base[2]["a2"] is not None
+    y.backward(torch.ones_like(y))
+    (dp, a_all, kw), = launches[2:]
+    assert dp.shape == (layout.n, 3 + 4 * 4) and a_all.shape == (3 + 4 * 4, 9)
+    assert kw.get("a2") is None and "poison" in kw

@@ -1,14 +1,16 @@
 // CPU kernels of moss::_ext_linear_fwd / _ext_linear_bwd and their registration.
 //
+// u is what the adapters read: x_adapter when given (dropout(x)), else x.
 // Forward (P, dz, dP live in the accumulation type A, padded per route to whole vectors):
-//   P  = project(x; A_text^T | A_taps^T)     tap products, each token only its route's columns
+//   P  = project(u; A_text^T | A_taps^T)     tap products, each token only its route's columns
 //   z  = route_forward(P)                     text: copy; image: sum of K*K taps over `nbr`
 //   y  = x W^T + b                            ATen (MKL): the base GEMM, exactly F.linear's
 //   y += expand(z; B_text^T | B_image^T)      in place, one pass over y
 // Backward:
 //   dz = project(dy; B_text | B_image),  dP = route_backward(dz)   (gather over `nbr_t`)
-//   dB^T = outer(z, dy),  dA_all = outer(dP, x)
-//   dx = dy W (ATen) then dx += expand(dP; A_text | A_taps);  dW = dy^T x, db = sum dy if asked
+//   dB^T = outer(z, dy),  dA_all = outer(dP, u)
+//   dx = dy W (ATen), then += expand(dP; A_text | A_taps) if u is x, else that expand is
+//   dx_adapter's alone;  dW = dy^T x, db = sum dy if asked
 // The rank-space kernels are in rank_kernels.h (why hand-written: see there); this file packs
 // their operands, runs them under at::parallel_for (OpenMP), and holds the routing kernels.
 // Measured on the 2-core dev machine: bench/results/README.md.
@@ -202,12 +204,13 @@ void check_cpu_dtype(const at::Tensor& x) {
 template <typename S>
 std::tuple<at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
-    double text_scale, double image_scale) {
+    const c10::optional<at::Tensor>& x_adapter, const at::Tensor& text_A,
+    const at::Tensor& text_B, const at::Tensor& image_A, const at::Tensor& image_B,
+    const at::Tensor& route, const at::Tensor& nbr, double text_scale, double image_scale) {
   using A = at::opmath_type<S>;
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = unit_stride(x_in);
+  const at::Tensor u = x_adapter.has_value() ? unit_stride(*x_adapter) : x;
   const int64_t n = x.size(0), r_t = text_A.size(0), r_i = image_A.size(0), kk = nbr.size(1);
   // y first: the allocator can then hand it the block the previous layer's output just freed
   // (malloc splits free blocks for smaller requests: allocated after P and z, y often lands on
@@ -215,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
   at::Tensor y = at::empty({n, weight.size(0)}, x.options());
   const at::Tensor w_text = pack_t(text_A, acc), w_img = pack_t(taps(image_A), acc);
   at::Tensor p = at::empty({n, w_text.size(1) + w_img.size(1)}, x.options().dtype(acc));
-  run_project<S, A>(x, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, kk * r_i, w_text.size(1)),
+  run_project<S, A>(u, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, kk * r_i, w_text.size(1)),
                     p);
 
   at::Tensor z = at::empty({n, r_t + r_i}, x.options().dtype(acc));
@@ -235,22 +238,29 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
   return {y, z};
 }
 
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor>;
+
+// u: the adapters' input (x_adapter, or x); x: for dW only (undefined when not asked for).
 template <typename S>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& weight,
-              const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-              const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
-              const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
-              bool need_dweight, bool need_dbias) {
+Grads backward_impl(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& u_in,
+                    bool separate, const at::Tensor& weight, const at::Tensor& text_A,
+                    const at::Tensor& text_B, const at::Tensor& image_A, const at::Tensor& image_B,
+                    const at::Tensor& z, const at::Tensor& route, const at::Tensor& nbr_t,
+                    double text_scale, double image_scale, bool need_dx, bool need_dweight,
+                    bool need_dbias, bool need_dx_adapter) {
   using A = at::opmath_type<S>;
-  const auto acc = acc_type(x_in.scalar_type());
-  const at::Tensor x = unit_stride(x_in);
+  const auto acc = acc_type(u_in.scalar_type());
+  const at::Tensor u = unit_stride(u_in);
   const at::Tensor dy = dy_in.contiguous();  // a gradient may arrive expanded (stride 0)
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = weight.size(0);
+  const int64_t n = u.size(0), d_in = u.size(1), d_out = weight.size(0);
   const int64_t r_t = text_A.size(0), r_i = image_A.size(0), kk = nbr_t.size(1);
-  check_backward_args(dy, x, weight, z, r_t + r_i);
-  // dx first, for the reason y comes first in the forward.
-  at::Tensor dx = need_dx ? at::empty({n, d_in}, x.options()) : at::empty({0}, x.options());
+  check_backward_args(dy, u, weight, z, r_t + r_i);
+  // dx first, for the reason y comes first in the forward. dx_adapter starts at zero: the
+  // expand accumulates, and writes nothing on padding rows.
+  at::Tensor dx = need_dx ? at::empty({n, d_in}, u.options()) : at::empty({0}, u.options());
+  at::Tensor dx_adapter = need_dx_adapter ? at::zeros({n, d_in}, u.options())
+                                          : at::empty({0}, u.options());
 
   // dz = dy B (scaled), then gathered back through the window into tap space.
   const at::Tensor w_text = pack_t(text_B.t(), acc, text_scale);
@@ -274,18 +284,23 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
   run_outer<S, A>(dy, z, rows, {r_t, r_i}, {0, r_t}, g_b);
   at::Tensor g_a[2] = {at::zeros({r_t, a_text.size(1)}, dy.options().dtype(acc)),
                        at::zeros({a_img.size(0), a_text.size(1)}, dy.options().dtype(acc))};
-  run_outer<S, A>(x, dp, rows, {r_t, a_img.size(0)}, {0, dp_img}, g_a);
+  run_outer<S, A>(u, dp, rows, {r_t, a_img.size(0)}, {0, dp_img}, g_a);
 
+  // The adapters' input gradient dP A_all: onto dx when they read x, else dx_adapter's own.
+  const auto expand_dp = [&](at::Tensor& out) {
+    run_expand<S, A>(out, route, dp, seg<A>(a_text, r_t, 0), seg<A>(a_img, a_img.size(0), dp_img));
+  };
   if (need_dx) {
     at::mm_out(dx, dy, weight);
-    run_expand<S, A>(dx, route, dp, seg<A>(a_text, r_t, 0), seg<A>(a_img, a_img.size(0), dp_img));
+    if (!separate) expand_dp(dx);
   }
-  at::Tensor dw = need_dweight ? at::mm(dy.t(), x) : at::empty({0}, x.options());
+  if (need_dx_adapter) expand_dp(dx_adapter);
+  at::Tensor dw = need_dweight ? at::mm(dy.t(), x) : at::empty({0}, u.options());
   at::Tensor db = need_dbias ? dy.sum({0}, false, acc).to(dy.scalar_type())
-                             : at::empty({0}, x.options());
+                             : at::empty({0}, u.options());
 
   const auto k = image_A.size(2);
-  const auto dtype = x.scalar_type();
+  const auto dtype = u.scalar_type();
   at::Tensor d_text_A = g_a[0].narrow(1, 0, d_in).to(dtype).contiguous();
   at::Tensor d_image_A = g_a[1]
                              .narrow(1, 0, d_in)
@@ -295,34 +310,38 @@ backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor&
                              .contiguous();
   at::Tensor d_text_B = (g_b[0].narrow(1, 0, d_out).t() * text_scale).to(dtype).contiguous();
   at::Tensor d_image_B = (g_b[1].narrow(1, 0, d_out).t() * image_scale).to(dtype).contiguous();
-  return {dx, dw, db, d_text_A, d_text_B, d_image_A, d_image_B};
+  return {dx, dw, db, dx_adapter, d_text_A, d_text_B, d_image_A, d_image_B};
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
-    double text_scale, double image_scale) {
+    const c10::optional<at::Tensor>& x_adapter, const at::Tensor& text_A,
+    const at::Tensor& text_B, const at::Tensor& image_A, const at::Tensor& image_B,
+    const at::Tensor& route, const at::Tensor& nbr, double text_scale, double image_scale) {
   check_forward_args(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr);
+  check_adapter_input(x, x_adapter);
   check_cpu_dtype(x);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moss_forward_cpu", [&] {
-    return forward_impl<scalar_t>(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr,
-                                  text_scale, image_scale);
+    return forward_impl<scalar_t>(x, weight, bias, x_adapter, text_A, text_B, image_A, image_B,
+                                  route, nbr, text_scale, image_scale);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-             const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-             const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
-             const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
-             bool need_dweight, bool need_dbias) {
-  check_forward_args(x, weight, c10::nullopt, text_A, text_B, image_A, image_B, route, nbr_t);
-  check_cpu_dtype(x);
-  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moss_backward_cpu", [&] {
-    return backward_impl<scalar_t>(dy, x, weight, text_A, text_B, image_A, image_B, z, route,
-                                   nbr_t, text_scale, image_scale, need_dx, need_dweight,
-                                   need_dbias);
+Grads backward_cpu(const at::Tensor& dy, const c10::optional<at::Tensor>& x,
+                   const at::Tensor& weight, const c10::optional<at::Tensor>& x_adapter,
+                   const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+                   const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
+                   const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
+                   bool need_dweight, bool need_dbias, bool need_dx_adapter) {
+  const at::Tensor& u = backward_adapter_input(x, x_adapter, need_dweight, need_dx_adapter);
+  check_forward_args(u, weight, c10::nullopt, text_A, text_B, image_A, image_B, route, nbr_t);
+  check_cpu_dtype(u);
+  const at::Tensor x_or_none = x.has_value() ? *x : at::Tensor();
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, u.scalar_type(), "moss_backward_cpu", [&] {
+    return backward_impl<scalar_t>(dy, x_or_none, u, x_adapter.has_value(), weight, text_A,
+                                   text_B, image_A, image_B, z, route, nbr_t, text_scale,
+                                   image_scale, need_dx, need_dweight, need_dbias,
+                                   need_dx_adapter);
   });
 }
 

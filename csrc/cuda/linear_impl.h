@@ -2,14 +2,16 @@
 // for any `Dev`: the real GPU (linear_cuda.cpp) and the CPU emulation of the same kernels
 // (csrc/emulated/, the `cuda-emulated` test backend), so that CI runs this very code.
 //
-// Forward (C = R_T + KK*R_I tap-product columns, R = R_T + R_I adapter columns):
-//   P  = x A_all^T                  [N, C]
+// Forward (C = R_T + KK*R_I tap-product columns, R = R_T + R_I adapter columns; u the
+// adapters' input: x_adapter when given, else x):
+//   P  = u A_all^T                  [N, C]
 //   z  = route_forward(P)           [N, R]      acc dtype (saved for the backward)
 //   y  = x W^T + b                  [N, D_out]  the base GEMM, exactly as F.linear makes it
 //   y += (z * scales) Bcat^T        the expand accumulates onto y (beta = 1)
 // Backward:
-//   dz = (dy Bcat) * scales,  dBcat = dy^T z,  dP = route_backward(dz),  dA_all = dP^T x
-//   dx = dy W;  dx += dP A_all      the transposed convolution accumulates onto dx (beta = 1)
+//   dz = (dy Bcat) * scales,  dBcat = dy^T z,  dP = route_backward(dz),  dA_all = dP^T u
+//   dx = dy W;  dx += dP A_all      the transposed convolution accumulates onto dx (beta = 1),
+//                                   or, with an x_adapter, is its gradient on its own
 //   dW = dy^T x,  db = sum dy       only when asked for
 // Why no hand-written GEMM: the D-wide GEMMs are where the time goes, and on Hopper cuBLAS runs
 // them with TMA + wgmma kernels that a hand-written mma.sync GEMM does not match; the adapter
@@ -59,17 +61,20 @@ inline at::Tensor column_scales(int64_t r_t, int64_t r_i, double text_scale, dou
 template <typename Dev>
 std::tuple<at::Tensor, at::Tensor> forward(
     const Dev& dev, const at::Tensor& x, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& text_A, const at::Tensor& text_B,
-    const at::Tensor& image_A, const at::Tensor& image_B, const at::Tensor& route,
-    const at::Tensor& nbr, double text_scale, double image_scale) {
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& x_adapter,
+    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr, double text_scale,
+    double image_scale) {
   check_forward_args(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr);
+  check_adapter_input(x, x_adapter);
   dev.check_dtype(x);
   [[maybe_unused]] const auto guard = dev.guard(x);  // x's device current, to the end
   const int64_t n = x.size(0), d_out = weight.size(0), r_t = text_A.size(0);
   const int64_t r_i = image_A.size(0);
   const bool wide = x.scalar_type() == at::kHalf;
   const at::Tensor a_all = stack_down(text_A, image_A);
-  const at::Tensor p = wide ? dev.mm_fp32(x, a_all.t()) : at::mm(x, a_all.t());  // [N, C]
+  const at::Tensor& u = x_adapter.has_value() ? *x_adapter : x;
+  const at::Tensor p = wide ? dev.mm_fp32(u, a_all.t()) : at::mm(u, a_all.t());  // [N, C]
   at::Tensor z = dev.empty({n, r_t + r_i}, x.options().dtype(acc_type(x.scalar_type())));
   dev.route_forward(p, route, nbr, r_t, r_i, z);
   at::Tensor b_cat = dev.empty({d_out, r_t + r_i}, x.options().dtype(wide ? at::kFloat
@@ -90,24 +95,29 @@ std::tuple<at::Tensor, at::Tensor> forward(
   return {wide ? y.to(x.scalar_type()) : y, z};
 }
 
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor>;
+
 template <typename Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward(const Dev& dev, const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
-         const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-         const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
-         const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
-         bool need_dweight, bool need_dbias) {
-  check_forward_args(x, weight, c10::nullopt, text_A, text_B, image_A, image_B, route, nbr_t);
-  dev.check_dtype(x);
-  [[maybe_unused]] const auto guard = dev.guard(x);  // x's device current, to the end
+Grads backward(const Dev& dev, const at::Tensor& dy_in, const c10::optional<at::Tensor>& x,
+               const at::Tensor& weight, const c10::optional<at::Tensor>& x_adapter,
+               const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+               const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
+               const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
+               bool need_dweight, bool need_dbias, bool need_dx_adapter) {
+  const at::Tensor& u = backward_adapter_input(x, x_adapter, need_dweight, need_dx_adapter);
+  check_forward_args(u, weight, c10::nullopt, text_A, text_B, image_A, image_B, route, nbr_t);
+  dev.check_dtype(u);
+  [[maybe_unused]] const auto guard = dev.guard(u);  // the inputs' device current, to the end
   const at::Tensor dy = dy_in.contiguous();  // a gradient may arrive expanded (stride 0)
-  const int64_t n = x.size(0), d_in = x.size(1);
+  const int64_t n = u.size(0), d_in = u.size(1);
   const int64_t r_t = text_A.size(0), r_i = image_A.size(0), kk = nbr_t.size(1);
   const int64_t c = r_t + kk * r_i;
-  check_backward_args(dy, x, weight, z, r_t + r_i);
-  const auto acc = acc_type(x.scalar_type());
-  const bool wide = x.scalar_type() == at::kHalf;
-  const bool half = x.scalar_type() != at::kFloat;  // fp16 or bf16
+  check_backward_args(dy, u, weight, z, r_t + r_i);
+  const auto dtype = u.scalar_type();
+  const auto acc = acc_type(dtype);
+  const bool wide = dtype == at::kHalf;
+  const bool half = dtype != at::kFloat;  // fp16 or bf16
   const auto up = [&](const at::Tensor& t) { return wide ? t.to(at::kFloat) : t; };
 
   // dz reads B as it is: a non-finite entry reaches dz columns only the route's rows read. For
@@ -121,22 +131,29 @@ backward(const Dev& dev, const at::Tensor& dy_in, const at::Tensor& x, const at:
            : half ? dev.mm_fp32(dy.t(), z.to(dy.scalar_type())) : at::mm(dy.t(), z);
   at::Tensor dp = dev.empty({n, c}, dz.options());
   dev.route_backward(dz, route, nbr_t, r_t, r_i, dp);
-  if (half && !wide) dp = dp.to(x.scalar_type());  // bf16 rank-space values stay bf16
-  const at::Tensor d_all = at::mm(dp.t(), up(x)).to(acc);  // [C, D_in]
-  at::Tensor dx = at::empty({0}, x.options());
-  if (need_dx) {
-    at::Tensor a_all = dev.empty({c, d_in}, x.options().dtype(wide ? at::kFloat
-                                                                   : x.scalar_type()));
-    at::Tensor bad = at::empty({2, d_in}, x.options().dtype(at::kByte));
+  if (half && !wide) dp = dp.to(dtype);  // bf16 rank-space values stay bf16
+  const at::Tensor d_all = at::mm(dp.t(), up(u)).to(acc);  // [C, D_in]
+  at::Tensor dx = at::empty({0}, u.options()), dx_adapter = at::empty({0}, u.options());
+  if (need_dx) dx = wide ? dev.mm_fp32(dy, weight) : at::mm(dy, weight);
+  // The adapters' input gradient dP A_all: onto dx when they read x (no second pass over dx),
+  // else x_adapter's gradient on its own (a GEMM of reduction C, not a second dy W).
+  const bool separate = x_adapter.has_value();
+  if (need_dx_adapter || (need_dx && !separate)) {
+    at::Tensor a_all = dev.empty({c, d_in}, u.options().dtype(wide ? at::kFloat : dtype));
+    at::Tensor bad = at::empty({2, d_in}, u.options().dtype(at::kByte));
     dev.pack_down(text_A, image_A, a_all, bad);
-    dx = wide ? dev.mm_fp32(dy, weight) : at::mm(dy, weight);
-    dx.addmm_(dp, a_all);
-    dev.poison(dx, route, bad);
-    dx = dx.to(x.scalar_type());
+    if (separate) {
+      dx_adapter = at::mm(dp, a_all);
+    } else {
+      dx.addmm_(dp, a_all);
+    }
+    dev.poison(separate ? dx_adapter : dx, route, bad);
   }
-  at::Tensor dw = need_dweight ? at::mm(dy.t(), x) : at::empty({0}, x.options());
+  dx = dx.to(dtype);
+  dx_adapter = dx_adapter.to(dtype);
+  at::Tensor dw = need_dweight ? at::mm(dy.t(), *x) : at::empty({0}, u.options());
   at::Tensor db = need_dbias ? dy.sum({0}, false, acc).to(dy.scalar_type())
-                             : at::empty({0}, x.options());
+                             : at::empty({0}, u.options());
 
   const auto k = image_A.size(2);
   // Each gradient gets its own memory: custom-op outputs may not alias one another.
@@ -148,29 +165,30 @@ backward(const Dev& dev, const at::Tensor& dy_in, const at::Tensor& x, const at:
                              .clone(at::MemoryFormat::Contiguous);
   at::Tensor d_text_B = (d_b_cat.narrow(1, 0, r_t) * text_scale).to(text_B.scalar_type());
   at::Tensor d_image_B = (d_b_cat.narrow(1, r_t, r_i) * image_scale).to(image_B.scalar_type());
-  return {dx, dw, db, d_text_A, d_text_B, d_image_A, d_image_B};
+  return {dx, dw, db, dx_adapter, d_text_A, d_text_B, d_image_A, d_image_B};
 }
 
 // The two ops' kernels for a device, as TORCH_LIBRARY_IMPL registers them.
 template <typename Dev>
 std::tuple<at::Tensor, at::Tensor> forward_op(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr,
-    double text_scale, double image_scale) {
-  return forward(Dev{}, x, weight, bias, text_A, text_B, image_A, image_B, route, nbr,
-                 text_scale, image_scale);
+    const c10::optional<at::Tensor>& x_adapter, const at::Tensor& text_A,
+    const at::Tensor& text_B, const at::Tensor& image_A, const at::Tensor& image_B,
+    const at::Tensor& route, const at::Tensor& nbr, double text_scale, double image_scale) {
+  return forward(Dev{}, x, weight, bias, x_adapter, text_A, text_B, image_A, image_B, route,
+                 nbr, text_scale, image_scale);
 }
 
 template <typename Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-            const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
-            const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
-            const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
-            bool need_dweight, bool need_dbias) {
-  return backward(Dev{}, dy, x, weight, text_A, text_B, image_A, image_B, z, route, nbr_t,
-                  text_scale, image_scale, need_dx, need_dweight, need_dbias);
+Grads backward_op(const at::Tensor& dy, const c10::optional<at::Tensor>& x,
+                  const at::Tensor& weight, const c10::optional<at::Tensor>& x_adapter,
+                  const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+                  const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
+                  const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
+                  bool need_dweight, bool need_dbias, bool need_dx_adapter) {
+  return backward(Dev{}, dy, x, weight, x_adapter, text_A, text_B, image_A, image_B, z, route,
+                  nbr_t, text_scale, image_scale, need_dx, need_dweight, need_dbias,
+                  need_dx_adapter);
 }
 
 }  // namespace composition

@@ -133,7 +133,7 @@ def _peft(p: Problem) -> Fn:
 def _reference_math(p: Problem) -> Fn:
     def fn(t):
         return reference.forward(backends.LinearInputs(
-            t["x"], t["weight"], t["bias"], t["text_A"], t["text_B"], t["image_A"],
+            t["x"], t["weight"], t["bias"], None, t["text_A"], t["text_B"], t["image_A"],
             t["image_B"], p.plan.route, p.plan.nbr, p.plan.nbr_t, TEXT_SCALE, IMAGE_SCALE))[0]
 
     return fn

@@ -1,9 +1,10 @@
 """Triton backend: the MOSS linear forward and backward, decomposed as docs/design.md section 3
 lays out.
 
-Forward (``C = R_T + K*K*R_I``; shapes per token row; s the adapter scales):
+Forward (``C = R_T + K*K*R_I``; shapes per token row; s the adapter scales; u the adapters'
+input, ``x_adapter`` when given, else x):
 
-    P  = x A_all^T                      gemm.py, ROUTE_SKIP    [N, C]     rank dtype
+    P  = u A_all^T                      gemm.py, ROUTE_SKIP    [N, C]     rank dtype
     z  = s * route + convolve P         route.py               [N, R]     fp32 (saved)
     y  = x W^T + z Bcat^T + b           pack.py, gemm.py fused [N, D_out] one pass over y
 
@@ -12,9 +13,12 @@ Backward:
     dz   = dy Bcat                      cuBLAS / gemm.py       [N, R]     fp32
     dBcat = dy^T z                      cuBLAS / gemm.py       [D_out, R] fp32
     dP   = s * gather dz through nbr_t  route.py               [N, C]     rank dtype
-    dA_all = dP^T x                     cuBLAS (fp16: gemm.py) [C, D_in]
+    dA_all = dP^T u                     cuBLAS (fp16: gemm.py) [C, D_in]
     dx   = dy W + dP A_all              pack.py, gemm.py fused [N, D_in]  one pass over dx
     dW   = dy^T x,  db = sum dy         cuBLAS (only when they require grad)
+
+With an ``x_adapter`` the two terms of dx are two gradients: ``dx = dy W`` (cuBLAS) and
+``dx_adapter = dP A_all`` (pack.py, gemm.py: a reduction over C, poisoned like the fused one).
 
 Triton does what needs fusing or routing; the plain GEMMs whose shape cuBLAS already serves
 at its roofline (the reductions over N in particular, where cuBLAS picks split-K
@@ -73,9 +77,10 @@ def _on_device(fn):
     device, which may not be the tensors' (as the CUDA extension's device guard ensures)."""
     @functools.wraps(fn)
     def guarded(a: LinearInputs, *args):
-        if a.x.device.type != "cuda":
+        device = a.weight.device  # x may be absent in the backward
+        if device.type != "cuda":
             return fn(a, *args)
-        with torch.cuda.device(a.x.device):
+        with torch.cuda.device(device):
             return fn(a, *args)
 
     return guarded
@@ -84,8 +89,8 @@ def _on_device(fn):
 @_on_device
 def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
     x, r_t, r_i = a.x, a.text_A.shape[0], a.image_A.shape[0]
-    p = launch_gemm(x, stack_down(a.text_A, a.image_A).t(), route=a.route, r_t=r_t,
-                    out_dtype=rank_dtype(x.dtype))
+    p = launch_gemm(a.adapter_input, stack_down(a.text_A, a.image_A).t(), route=a.route,
+                    r_t=r_t, out_dtype=rank_dtype(x.dtype))
     z = route_forward(p, a.route, a.nbr, r_t, r_i, a.text_scale, a.image_scale)
     b_cat, bad = pack_up(a.text_B, a.image_B)
     y = launch_gemm(x, a.weight.t(), a2=z, b2=b_cat.t(), bias=a.bias, poison=(a.route, bad))
@@ -94,7 +99,7 @@ def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
 
 @_on_device
 def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
-    x, r_t, r_i = a.x, a.text_A.shape[0], a.image_A.shape[0]
+    u, r_t, r_i = a.adapter_input, a.text_A.shape[0], a.image_A.shape[0]
     fp32 = torch.float32
     # dz reads B as it is: a non-finite entry reaches dz columns only its route's rows read.
     dz = _matmul(dy, torch.cat([a.text_B, a.image_B], dim=1), fp32)  # [N, R], unscaled
@@ -105,15 +110,20 @@ def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
                                     memory_format=torch.contiguous_format)
     rank = rank_dtype(dy.dtype)
     dp = route_backward(dz, a.route, a.nbr_t, r_t, r_i, a.text_scale, a.image_scale, rank)
-    d_all = _matmul(dp.t(), x, rank).to(x.dtype)  # [C, D_in]
+    d_all = _matmul(dp.t(), u, rank).to(u.dtype)  # [C, D_in]
     d_text_A, d_image_A = split_down(d_all, r_t, a.image_A.shape)
-    dx = x.new_empty(0)
-    if needs.x:
+    dx, dx_adapter = dy.new_empty(0), dy.new_empty(0)
+    if needs.x and a.x_adapter is not None:
+        dx = dy @ a.weight
+    elif needs.x:  # the adapters read x: their input gradient is dx's second reduction
         a_all, bad = pack_down(a.text_A, a.image_A)
         dx = launch_gemm(dy, a.weight, a2=dp, b2=a_all, poison=(a.route, bad))
-    dw = dy.t() @ x if needs.weight else x.new_empty(0)
-    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs.bias else x.new_empty(0)
-    return Grads(dx, dw, db, d_text_A, d_text_B, d_image_A, d_image_B)
+    if needs.x_adapter:
+        a_all, bad = pack_down(a.text_A, a.image_A)
+        dx_adapter = launch_gemm(dp, a_all, out_dtype=dy.dtype, poison=(a.route, bad))
+    dw = dy.t() @ a.x if needs.weight else dy.new_empty(0)
+    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs.bias else dy.new_empty(0)
+    return Grads(dx, dw, db, dx_adapter, d_text_A, d_text_B, d_image_A, d_image_B)
 
 
 # Under the interpreter (CPU tensors) it is correct but slow, so `auto` and moss bench skip it,

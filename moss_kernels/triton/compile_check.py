@@ -79,6 +79,11 @@ def gemm_cases(all_configs: bool):
                              flags=[(True, False, False, True), (False, False, False, True)],
                              units=("stride_ak", "stride_bn", "stride_a2k", "stride_b2n",
                                     "stride_on")),
+        # With an x_adapter, its gradient dP A_all on its own (dx = dy W is cuBLAS's).
+        "dx_adapter": lambda d: dict(a=rank(d), route="i8", bad="u8",
+                                     flags=[(False, False, False, True)],
+                                     units=("stride_ak", "stride_bn", "stride_a2k", "stride_b2n",
+                                            "stride_on")),
         # The backward's products that meet an fp32 value (cuBLAS when all dtypes agree).
         "dz": lambda d: None if d == "fp32" else dict(
             out="fp32", units=("stride_ak", "stride_bn", "stride_a2k", "stride_b2n", "stride_on")),

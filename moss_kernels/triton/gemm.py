@@ -2,7 +2,8 @@
 
     out[M, N] = A[M, K] @ B[K, N]  (+ A2[M, K2] @ B2[K2, N])  (+ bias[N])       fp32 accumulate
 
-The MOSS layer uses it three times (``C = R_t + K*K*R_i`` columns of tap products):
+The MOSS layer uses it three times, four with an ``x_adapter`` (``C = R_t + K*K*R_i`` columns
+of tap products; the tap products then read x_adapter):
 
 * tap products  ``P = x @ A_all^T``  [N, C] with ``ROUTE_SKIP``: an M-tile that holds no text
   token skips the text columns (< R_T), one that holds no image token skips the tap columns.
@@ -12,12 +13,14 @@ The MOSS layer uses it three times (``C = R_t + K*K*R_i`` columns of tap product
 * forward       ``y = x @ W^T + z @ Bcat^T + b``: the adapter expand is a second reduction
   loop into the same accumulator, so y is written once (no second pass over [N, D_out]).
 * backward      ``dx = dy @ W + dP @ A_all``: the transposed convolution (already gathered
-  into dP in rank space) folded into the ``dy W`` GEMM the same way.
+  into dP in rank space) folded into the ``dy W`` GEMM the same way. With an ``x_adapter``,
+  ``dx_adapter = dP @ A_all`` is a launch of its own (and ``dx = dy @ W`` cuBLAS's).
 
-In the last two the second product runs on the finite part of the adapter weights (pack.py), and
-with ``POISON`` the epilogue puts NaN back on exactly the rows of the route whose weight column
-held a NaN or Inf (``bad [2, N]`` flags, ``route`` of the M rows): a full-width product would put
-0 * NaN on every other route's rows too (docs/design.md section 3).
+In the last two the second product (in ``dx_adapter`` the only one) runs on the finite part of
+the adapter weights (pack.py), and with ``POISON`` the epilogue puts NaN back on exactly the rows
+of the route whose weight column held a NaN or Inf (``bad [2, N]`` flags, ``route`` of the M
+rows): a full-width product would put 0 * NaN on every other route's rows too (docs/design.md
+section 3).
 
 Operands are read through their strides, so transposed views (``W^T``) cost nothing. Rows,
 columns and the K steps are offset in int64 (N * D can pass 2^31, and so can BLOCK_K row
