@@ -181,9 +181,9 @@ def moss_linear(
     """
     _check_tensor("x", x)
     if (cast := _autocast_dtype(x)) is not None:
-        x, weight, bias, text_A, text_B, image_A, image_B = (
+        x, weight, bias, x_adapter, text_A, text_B, image_A, image_B = (
             t.to(cast) if isinstance(t, Tensor) and t.dtype.is_floating_point else t
-            for t in (x, weight, bias, text_A, text_B, image_A, image_B))
+            for t in (x, weight, bias, x_adapter, text_A, text_B, image_A, image_B))
     _check_tensor("weight", weight, dtype=x.dtype, device=x.device, dims=(2,))
     d_out, d_in = weight.shape
     if x.dim() < 1 or x.shape[-1] != d_in:

@@ -197,14 +197,16 @@ AUTOCAST = [(b, d) for d in ((torch.bfloat16,) if DEVICE == "cpu" else
 
 
 @pytest.mark.parametrize("backend, dtype", AUTOCAST)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_autocast_runs_the_op_in_its_dtype_and_returns_fp32_gradients(backend, dtype, seed, gen):
+@pytest.mark.parametrize("seed, x_adapter", [(0, False), (1, True)])
+def test_autocast_runs_the_op_in_its_dtype_and_returns_fp32_gradients(backend, dtype, seed,
+                                                                      x_adapter, gen):
     """fp32 inputs under autocast: the op computes in ``dtype`` (as F.linear would), and the
     gradients come back in fp32; checked against float64 on the dtype-rounded values, with
     the same rule as every backend test (tests/helpers.py within_tolerance)."""
     layout, k = random_layout(seed, max_hw=4), 2
     params = {n: v if v is None else v.to(dtype).double()  # values exact in every dtype
-              for n, v in make_params(gen, layout.n, 24, 20, 3, 2, k).items()}
+              for n, v in make_params(gen, layout.n, 24, 20, 3, 2, k,
+                                      x_adapter=x_adapter).items()}
     want = run_layer(layout, k, True, params, torch.float64, "reference")
     ref = run_layer(layout, k, True, params, dtype, "reference")
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
@@ -212,7 +214,8 @@ def test_autocast_runs_the_op_in_its_dtype_and_returns_fp32_gradients(backend, d
     leaves = {n: v.to(DEVICE, torch.float32).requires_grad_() for n, v in params.items()}
     with torch.autocast(DEVICE, dtype=dtype):
         y = mk.moss_linear(leaves["x"], leaves["weight"], leaves["bias"], plan,
-                           *(leaves[n] for n in ADAPTERS), 1.5, 0.5, backend=backend)
+                           *(leaves[n] for n in ADAPTERS), 1.5, 0.5, backend=backend,
+                           x_adapter=leaves.get("x_adapter"))
     assert y.dtype == dtype
     y.backward(torch.linspace(-1.0, 1.0, y.numel(), dtype=torch.float64).to(
         DEVICE, dtype).view_as(y))
