@@ -12,7 +12,8 @@ import moss_kernels
 from moss_kernels import _ext, backends
 
 
-def _version(dist: str) -> str:
+def version(dist: str) -> str:
+    """A distribution's installed version, or "not installed"."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -37,8 +38,8 @@ def report() -> str:
         f"moss-kernels {moss_kernels.__version__}",
         f"  python        {sys.version.split()[0]} ({platform.platform()})",
         f"  torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        f"  triton        {_version('triton')}",
-        f"  transformers  {_version('transformers')}",
+        f"  triton        {version('triton')}",
+        f"  transformers  {version('transformers')}",
         f"  hardware      {hardware()}",
         "",
     ]

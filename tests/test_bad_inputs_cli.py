@@ -67,6 +67,25 @@ cli("`moss bench --device gpu`", 1, "moss bench: --device must be cpu or cuda[:i
 cli("`moss bench --device cuda` without a GPU", 1,
     "moss bench: --device cuda: no CUDA GPU is visible",
     ["bench", "--device", "cuda"], skip_if=GPU, why="a GPU is visible")
+cli("`moss bench --layers 2` (a `--model` option) without `--model`", 1,
+    "moss bench: --layers is the model benchmark's: add --model", ["bench", "--layers", "2"])
+cli("`moss bench --model --case cpu` (a layer-benchmark option)", 1,
+    "moss bench: --case is the layer benchmark's, not --model's",
+    ["bench", "--model", "--case", "cpu"])
+cli("`moss bench --model --heads 3` (not dividing `--d-model` 512)", 1,
+    "moss bench --model: --heads must divide --d-model (512) into an even head size",
+    ["bench", "--model", "--heads", "3"])
+cli("`moss bench --model --images 4` (4 x 256 tokens in a 1000-token sequence)", 1,
+    "moss bench --model: --tokens must exceed --images x H x W = 1024",
+    ["bench", "--model", "--images", "4"])
+cli("`moss bench --model --decode-tokens 300` (past a 16 x 16 image)", 1,
+    "moss bench --model: --decode-tokens must be at most H x W = 256",
+    ["bench", "--model", "--decode-tokens", "300"])
+cli("`moss bench --model --dropout 1`", 1, "moss bench --model: --dropout must be in [0, 1)",
+    ["bench", "--model", "--dropout", "0", "1"])
+cli("`moss bench --model --backends cuda-emulated` (or one not built)", 1,
+    "moss bench --model: --backends: 'cuda-emulated' does not run natively on",
+    ["bench", "--model", "--backends", "cuda-emulated"])
 
 
 @behaviour(CLI, "`moss bench`, `train` or `experiment` with `--out` an existing file",

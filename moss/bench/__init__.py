@@ -5,6 +5,8 @@ user has today, in one run on whatever hardware is present.
                                     image fraction; table, CSV and PNG plots
     moss bench --quick              a small case and short sweeps (under 2 minutes on 2 cores)
     moss bench --case emu2-mlp-up --sweep kernel_size tokens --modes forward
+    moss bench --model              a training step and greedy decoding of a small decoder:
+                                    frozen, PEFT LoRA and MOSS per backend (model.py)
 
 Everything is checked against float64 before it is timed (a wrong provider is reported and
 left out); see cases.py (shapes, FLOP and byte counts), providers.py (what is timed),
@@ -14,9 +16,6 @@ runner.py (how) and report.py (table, CSV, plots).
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..info import hardware
+from . import context, model
 from .cases import CPU_CASE, MODEL_CASES, QUICK_CASE, SWEEPS, Case, sweep
 from .providers import ALTERNATIVES, available_providers
 from .report import add_speedups, append_csv, format_table, plot
@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--case", choices=sorted(CASES), default=None,
                    help="base shape (default: chameleon-7b-qkvo on a GPU, cpu on a CPU)")
-    p.add_argument("--tokens", type=int, help="override the case's N")
+    p.add_argument("--tokens", type=int,
+                   help="override the case's N (--model: the tokens of each sequence)")
     p.add_argument("--d-in", type=int, help="override the case's D_in")
     p.add_argument("--d-out", type=int, help="override the case's D_out")
     p.add_argument("--rank", type=int, help="override the case's rank (both adapters)")
@@ -50,11 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", nargs="*", choices=sorted(SWEEPS), default=None,
                    help="parameters to sweep around the case (default: rank image_fraction; "
                         "none with no names)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="default: all three")
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 10, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2, quick 1)")
     p.add_argument("--quick", action="store_true",
-                   help="the small cpu-quick case and fewer rounds (under 2 minutes on 2 cores)")
+                   help="the small cpu-quick case and fewer rounds (under 2 minutes on 2 cores; "
+                        "--model: a tiny decoder, seconds)")
     p.add_argument("--no-compile", action="store_true",
                    help="leave out the torch.compile providers")
     p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=None,
@@ -62,6 +65,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "roofline (default: on a GPU)")
     p.add_argument("--out", type=Path, default=Path("moss-bench-results"),
                    help="folder for the CSV (appended) and the plots (default: %(default)s)")
+    m = p.add_argument_group(
+        "model benchmark", "--model times a training step and greedy decoding of a Llama-family "
+        "decoder built from its config (random weights), frozen / PEFT LoRA / MOSS on each "
+        "backend; --device, --dtype, --tokens (per sequence), --rank, --kernel-size, --grid, "
+        "--reps, --warmup, --quick and --out apply too (default case: d 512, 4 layers, 8 "
+        "heads, vocab 4096, 2 x 1000 tokens with three 16 x 16 images each, R 16, K 2, 64 "
+        "decoded tokens)")
+    m.add_argument("--model", action="store_true", help="run the model benchmark")
+    m.add_argument("--d-model", type=int, help="hidden size")
+    m.add_argument("--layers", type=int, help="decoder layers")
+    m.add_argument("--heads", type=int, help="attention heads")
+    m.add_argument("--vocab", type=int, help="vocabulary (its upper half: image tokens)")
+    m.add_argument("--batch", type=int, help="sequences")
+    m.add_argument("--images", type=int, help="images per sequence")
+    m.add_argument("--decode-tokens", type=int, help="tokens decoded inside the last image")
+    m.add_argument("--dropout", type=float, nargs="+",
+                   help="adapter dropout, one run each (default: 0 0.05)")
+    m.add_argument("--backends", nargs="+",
+                   help="MOSS backends (default: every one running natively on the device)")
+
+
+#: Options of one benchmark only, refused by the other (argparse's default: None or False).
+LAYER_ONLY = ("case", "d_in", "d_out", "image_fraction", "sweep", "modes", "no_compile",
+              "roofline")
+MODEL_ONLY = ("d_model", "layers", "heads", "vocab", "batch", "images", "decode_tokens",
+              "dropout", "backends")
+
+
+def _refuse(args, names: tuple[str, ...], why: str) -> None:
+    given = [n for n in names if getattr(args, n) not in (None, False)]
+    if given:
+        raise SystemExit(f"moss bench: --{given[0].replace('_', '-')} {why}")
 
 
 def _base_case(args, gpu: bool) -> Case:
@@ -85,37 +120,21 @@ def _base_case(args, gpu: bool) -> Case:
     return replace(case, **overrides)
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _device(name: str | None) -> torch.device:
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise SystemExit(f"moss bench: --device must be cpu or cuda[:index], got {name!r}"
-                         ) from None
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"moss bench: --device must be cpu or cuda[:index], got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("moss bench: --device cuda: no CUDA GPU is visible to torch "
-                         f"{torch.__version__}")
-    return device
-
-
 def main(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    if args.model:
+        _refuse(args, LAYER_ONLY, "is the layer benchmark's, not --model's")
+    else:
+        _refuse(args, MODEL_ONLY, "is the model benchmark's: add --model")
+    device = context.device(args.device)
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
-    base = _base_case(args, gpu)
     reps = args.reps if args.reps is not None else (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if reps < 1 or warmup < 0:
         raise SystemExit(f"moss bench: --reps must be >= 1 and --warmup >= 0, got {reps}, {warmup}")
+    if args.model:
+        return model.main(args, device, dtype, reps, warmup)
+    base = _base_case(args, gpu)
     sweeps = ["rank", "image_fraction"] if args.sweep is None else args.sweep
     cases = [base]
     for name in sweeps:
@@ -136,22 +155,20 @@ def main(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    context = {"date": datetime.date.today().isoformat(), "git": _git_sha(),
-               "hardware": hardware(), "torch": torch.__version__, "device": device.type,
-               "threads": torch.get_num_threads() if not gpu else os.cpu_count()}
+    run = context.run_context(device)
     rows, wrong, csv_path = [], {}, None
     with tqdm(total=len(cases) * (reps + warmup), desc="rounds", file=sys.stderr,
               disable=None) as bar:
         for case in cases:
             bar.set_postfix_str(case.label())
             case_rows, failures = run_case(case, found, device, dtype, reps, warmup,
-                                           modes=args.modes, progress=bar, log=bar.write,
+                                           modes=args.modes or MODES, progress=bar, log=bar.write,
                                            ceilings=ceilings)
             add_speedups(case_rows, ALTERNATIVES)
             # Each case's rows are written as it finishes: a run cut short keeps them.
             if case_rows:
                 csv_path = append_csv(args.out / f"moss_bench_{device.type}.csv", case_rows,
-                                      context)
+                                      run)
             rows += case_rows
             wrong.update({f"{p} on {case.label()}": why for p, why in failures.items()})
             bar.write(f"\n{case.label()}\n{format_table(case_rows, alts)}")

@@ -1,10 +1,11 @@
 """Check every provider against float64, then time them interleaved; one row per measurement.
 
 Timing: each round runs every (provider, mode) once, in the same order (A B C A B C ...), so a
-drifting machine hits all alike; each timed call follows an untimed one of the same provider
-(:func:`_time_once`); rounds after the warm-up are kept and summarised by their median with
-p20/p80. ``backward`` times the backward alone (its forward runs untimed in the
-same round). Memory: ``saved_mb`` is what the autograd graph keeps for the backward (counted
+drifting machine hits all alike (:func:`interleave`; ``moss bench --model`` times with the
+same three functions); each timed call follows an untimed one of the same provider
+(:func:`time_once`); rounds after the warm-up are kept and summarised by their median with
+p20/p80 (:func:`summary`). ``backward`` times the backward alone (its forward runs untimed in
+the same round). Memory: ``saved_mb`` is what the autograd graph keeps for the backward (counted
 through saved-tensor hooks, any device); ``peak_mb`` is the allocator's peak above its level at
 the start of the measured call (CUDA: the caching allocator's statistics, in the timed rounds;
 CPU: :func:`moss_kernels.memory.cpu_peak_bytes`, in one extra untimed call per provider and
@@ -17,6 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -31,6 +33,7 @@ MODES = ("forward", "backward", "forward+backward")
 ADAPTERS = NAMES[3:]
 #: Max |error| / max |float64 reference| for a provider to be timed, per dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+T = TypeVar("T")
 
 
 def _sync(device: torch.device) -> None:
@@ -128,28 +131,28 @@ def run_case(case: Case, providers: list[Provider], device: torch.device, dtype:
     fwd_t, bwd_t = _leaves(master, dtype, False), _leaves(master, dtype, True)
     bwd_t["x"].requires_grad_(True)
     candidates = [(p, fn, mode) for p, fn in built for mode in modes]
-    times = {i: [] for i in range(len(candidates))}
-    peaks = {i: 0 for i in range(len(candidates))}
-    for rnd in range(warmup + reps):
-        for i, (_, fn, mode) in enumerate(candidates):
-            elapsed, peak = _time_once(fn, mode, fwd_t, bwd_t, dy, device)
-            if rnd >= warmup:
-                times[i].append(elapsed)
-                peaks[i] = max(peaks[i], peak)
-        if progress is not None:
-            progress.update(1)
+
+    def reset_grads():  # so that every timed backward writes them fresh, not accumulating
+        for v in bwd_t.values():
+            v.grad = None
+
+    def timer(fn, mode):
+        return lambda: time_once(lambda: _measured_call(fn, mode, fwd_t, bwd_t, dy), device,
+                                 before=reset_grads)
+
+    kept = interleave([timer(fn, mode) for _, fn, mode in candidates], reps, warmup, progress)
+    times = {i: [t for t, _ in got] for i, got in enumerate(kept)}
+    peaks = {i: max(p for _, p in got) for i, got in enumerate(kept)}
     if device.type == "cpu":
         for i, (_, fn, mode) in enumerate(candidates):
             peaks[i] = cpu_peak_bytes(_measured_call(fn, mode, fwd_t, bwd_t, dy))
-            for v in bwd_t.values():
-                v.grad = None
+            reset_grads()
 
     rows, floor = [], {}
     saved = {p.name: _saved_bytes(fn, bwd_t) for p, fn in built}
     for i, (p, _, mode) in enumerate(candidates):
-        ts = sorted(times[i])
-        q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else ts * 9
-        med = statistics.median(ts)
+        spread = summary(times[i])
+        med = spread["median_ms"] / 1e3
         if p.floor:
             floor[mode] = med
         itemsize = torch.tensor([], dtype=dtype).element_size()
@@ -159,8 +162,7 @@ def run_case(case: Case, providers: list[Provider], device: torch.device, dtype:
         rows.append({
             **{k: v for k, v in vars(case).items() if k != "grid"},
             "grid": f"{case.grid[0]}x{case.grid[1]}", "dtype": str(dtype).split(".")[-1],
-            "provider": p.name, "mode": mode, "median_ms": med * 1e3, "p20_ms": q[1] * 1e3,
-            "p80_ms": q[7] * 1e3,
+            "provider": p.name, "mode": mode, **spread,
             **roof, "tflops": flops / med / 1e12, "gbps": nbytes / med / 1e9,
             "saved_mb": saved[p.name] / 2**20 if mode != "forward" else 0.0,
             "peak_mb": peaks[i] / 2**20,
@@ -191,16 +193,41 @@ def _measured_call(fn, mode, fwd_t, bwd_t, dy) -> Callable[[], None]:
     return call
 
 
-def _time_once(fn, mode, fwd_t, bwd_t, dy, device) -> tuple[float, int]:
-    """One timed call, after an untimed one of the same provider: rounds interleave the
-    providers, and what the previous one left (freed blocks the allocator splits differently,
-    its cache footprint) moved a CPU time by up to 10% otherwise. Gradients are reset first,
-    so every timed backward writes them fresh rather than accumulating."""
+def interleave(timers: list[Callable[[], T]], reps: int, warmup: int, progress=None
+               ) -> list[list[T]]:
+    """Every timer once per round, in the same order each round (A B C A B C ...), so that a
+    drifting machine hits all alike; what each returned in the rounds after the warm-up."""
+    kept = [[] for _ in timers]
+    for rnd in range(warmup + reps):
+        for got, timer in zip(kept, timers):
+            result = timer()
+            if rnd >= warmup:
+                got.append(result)
+        if progress is not None:
+            progress.update(1)
+    return kept
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    """Median, p20 and p80 of a candidate's timed rounds, in milliseconds."""
+    ts = sorted(seconds)
+    q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else ts * 9
+    return {"median_ms": statistics.median(ts) * 1e3, "p20_ms": q[1] * 1e3,
+            "p80_ms": q[7] * 1e3}
+
+
+def time_once(make_call: Callable[[], Callable[[], object]], device: torch.device,
+              before: Callable[[], None] | None = None) -> tuple[float, int]:
+    """Seconds and peak bytes (CUDA; 0 on a CPU) of one ``make_call()()``, after an untimed
+    one: rounds interleave the candidates, and what the previous one left (freed blocks the
+    allocator splits differently, its cache footprint) moved a CPU time by up to 10%
+    otherwise. ``make_call`` does the untimed set-up (a forward before a timed backward, a
+    prefill before timed decoding); ``before`` runs after it, outside the time."""
     cuda = device.type == "cuda"
-    _measured_call(fn, mode, fwd_t, bwd_t, dy)()
-    call = _measured_call(fn, mode, fwd_t, bwd_t, dy)
-    for v in bwd_t.values():
-        v.grad = None
+    make_call()()
+    call = make_call()
+    if before is not None:
+        before()
     _sync(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
