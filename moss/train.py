@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -174,11 +175,14 @@ def train(args: argparse.Namespace) -> Path:
         # FSDP2 shards the frozen backbone (and the adapters with it) layer by layer; each
         # layer's parameters are gathered for its forward and backward, so the kernels and
         # the routing plan see plain tensors.
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(device.type, (world,))  # FSDP's default, but ours to release
+        _MESHES.append(mesh)
         for layer in moss.backbone.decoder_layers(moss.model):
-            fully_shard(layer)
-        fully_shard(moss)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(moss, mesh=mesh)
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -273,16 +277,35 @@ def save_checkpoint(moss, opt, sched, step: int, out: Path, rank: int = 0) -> Pa
         folder, adapter), state)
 
 
+#: Device meshes ``train`` built (FSDP); ``_process_group`` releases them with the group.
+_MESHES: list = []
+
+
+@contextmanager
+def _process_group():
+    """Under torchrun: destroys the process group ``train`` creates, and drops every reference
+    to it, before the interpreter shuts down; on errors too (the exit status stays the
+    command's). gloo joins its worker threads only when its last reference goes
+    (``destroy_process_group`` does not stop them); a worker still running at interpreter
+    shutdown can abort the process (docs/design.md section 8)."""
+    import gc
+
+    import torch.distributed as dist
+
+    ours = dist.is_available() and not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if ours and dist.is_initialized():
+            dist.destroy_process_group()
+            gc.collect()  # the DDP / FSDP wrappers of the run (reference cycles) hold it too
+        while _MESHES:  # DTensor's caches keep a mesh alive, and a mesh keeps its groups
+            getattr(_MESHES.pop(), "_pg_registry", {}).clear()
+
+
 def main(args: argparse.Namespace) -> int:
-    final = train(args)
+    with _process_group():
+        final = train(args)
     if os.environ.get("RANK", "0") == "0":
         print(f"saved {final}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Every rank has synchronised after the last checkpoint. Leave without running
-        # interpreter teardown: gloo's threads outliving it intermittently abort the process
-        # ("terminate called without an active exception"), and destroy_process_group()
-        # was seen to hang one rank instead.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     return 0
