@@ -66,6 +66,8 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
       "float text_scale, float image_scale, bool need_dx, bool need_dweight, bool need_dbias, "
       "bool need_dx_adapter) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // LoRA dropout from a counter-based hash of (seed, element index): csrc/cpu/dropout_cpu.cpp.
+  m.def("_ext_dropout(Tensor x, Tensor seed, float p) -> Tensor");
   // The `cuda-emulated` test backend (csrc/emulated/): the CUDA backend's source run on CPU
   // tensors, under ops of its own (the schemas above), and its launch settings.
   m.def(

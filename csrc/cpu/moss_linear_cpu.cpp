@@ -160,9 +160,9 @@ std::vector<int64_t> rows_of(const at::Tensor& route, int8_t r) {
 
 template <typename S, typename A>
 void run_expand(at::Tensor& y, const at::Tensor& route, const at::Tensor& z, Seg<A> text,
-                Seg<A> image) {
+                Seg<A> image, bool store = false) {
   ExpandArgs<S, A> a{y.data_ptr<S>(), y.stride(0), y.size(1), route.data_ptr<int8_t>(),
-                     z.data_ptr<A>(), z.stride(0), {text, image}};
+                     z.data_ptr<A>(), z.stride(0), {text, image}, store};
   at::parallel_for(0, y.size(0), kGrain, [&](int64_t b, int64_t e) { expand(a, b, e); });
 }
 
@@ -256,10 +256,10 @@ Grads backward_impl(const at::Tensor& dy_in, const at::Tensor& x, const at::Tens
   const int64_t n = u.size(0), d_in = u.size(1), d_out = weight.size(0);
   const int64_t r_t = text_A.size(0), r_i = image_A.size(0), kk = nbr_t.size(1);
   check_backward_args(dy, u, weight, z, r_t + r_i);
-  // dx first, for the reason y comes first in the forward. dx_adapter starts at zero: the
-  // expand accumulates, and writes nothing on padding rows.
+  // dx first, for the reason y comes first in the forward. dx_adapter is written whole by
+  // the expand in store mode (padding rows zeroed), with no zero fill first.
   at::Tensor dx = need_dx ? at::empty({n, d_in}, u.options()) : at::empty({0}, u.options());
-  at::Tensor dx_adapter = need_dx_adapter ? at::zeros({n, d_in}, u.options())
+  at::Tensor dx_adapter = need_dx_adapter ? at::empty({n, d_in}, u.options())
                                           : at::empty({0}, u.options());
 
   // dz = dy B (scaled), then gathered back through the window into tap space.
@@ -287,14 +287,15 @@ Grads backward_impl(const at::Tensor& dy_in, const at::Tensor& x, const at::Tens
   run_outer<S, A>(u, dp, rows, {r_t, a_img.size(0)}, {0, dp_img}, g_a);
 
   // The adapters' input gradient dP A_all: onto dx when they read x, else dx_adapter's own.
-  const auto expand_dp = [&](at::Tensor& out) {
-    run_expand<S, A>(out, route, dp, seg<A>(a_text, r_t, 0), seg<A>(a_img, a_img.size(0), dp_img));
+  const auto expand_dp = [&](at::Tensor& out, bool store) {
+    run_expand<S, A>(out, route, dp, seg<A>(a_text, r_t, 0),
+                     seg<A>(a_img, a_img.size(0), dp_img), store);
   };
   if (need_dx) {
     at::mm_out(dx, dy, weight);
-    if (!separate) expand_dp(dx);
+    if (!separate) expand_dp(dx, false);
   }
-  if (need_dx_adapter) expand_dp(dx_adapter);
+  if (need_dx_adapter) expand_dp(dx_adapter, true);
   at::Tensor dw = need_dweight ? at::mm(dy.t(), x) : at::empty({0}, u.options());
   at::Tensor db = need_dbias ? dy.sum({0}, false, acc).to(dy.scalar_type())
                              : at::empty({0}, u.options());

@@ -52,6 +52,9 @@ struct ExpandArgs {
   const A* z;
   int64_t ldz;
   Seg<A> seg[2];
+  // false: y += z W (the forward's y, the backward's dx); true: y = z W, and rows no adapter
+  // reads (padding) are zeroed: a fresh output needs no zero fill first.
+  bool store = false;
 };
 
 template <typename S, typename A>
@@ -153,7 +156,9 @@ MOSS_INLINE void expand_tiles(const ExpandArgs<S, A>& a, const Seg<A>& s, int64_
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] = simd::load<A>(yr[i] + v * L, v == NV - 1 ? tail : L);
+      for (int v = 0; v < NV; ++v) {
+        acc[i][v] = a.store ? Vec<A>{} : simd::load<A>(yr[i] + v * L, v == NV - 1 ? tail : L);
+      }
     }
     const A* w = s.w + o0;
     for (int64_t j = 0; j < s.width; ++j, w += s.ld) {
@@ -179,7 +184,12 @@ MOSS_INLINE void expand_rows(const ExpandArgs<S, A>& a, int64_t begin, int64_t e
   for (int64_t t = begin, u; t < end; t = u) {
     u = run_end(a.route, t, end);
     const int8_t r = a.route[t];
-    if (r < 0 || a.seg[r].width == 0) continue;
+    if (r < 0 || a.seg[r].width == 0) {
+      if (a.store) {
+        for (int64_t i = t; i < u; ++i) std::fill_n(a.y + i * a.ldy, a.d, S(0));
+      }
+      continue;
+    }
     // Rows outer, columns inner: y is then read and written row after row, sequentially. (The
     // other order walks a column chunk down the rows, and with 4 KiB rows every access lands
     // on a new page, where the hardware prefetchers do not follow: 10-20% slower here.)

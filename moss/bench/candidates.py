@@ -30,6 +30,7 @@ through the KV cache gives each candidate's own full-forward logits.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -121,9 +122,12 @@ def build(case: ModelCase, base: nn.Module, name: str, dropout: float | None) ->
     if name == "peft":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=case.rank, lora_alpha=alpha, lora_dropout=dropout,
-            target_modules=list(spec_for(model).targets)))
+        with warnings.catch_warnings():  # PEFT's own use of an alias transformers deprecated
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                    FutureWarning)
+            model = get_peft_model(model, LoraConfig(
+                r=case.rank, lora_alpha=alpha, lora_dropout=dropout,
+                target_modules=list(spec_for(model).targets)))
     else:
         model = get_moss_model(model, moss_config(case, dropout, name.removeprefix("moss:")))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
