@@ -173,5 +173,6 @@ def bar_plot(rows: list[dict], panel: str, series: str, out: Path, title: str,
         ax.set_ylabel("ms: median, p20-p80 (lower is better)")
         ax.set_title(str(value))
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom: the legend above the bars
+        ax.legend(fontsize=8, loc="upper left")
     return _save(plt, fig, out, title)
