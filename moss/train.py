@@ -225,7 +225,9 @@ def train(args: argparse.Namespace) -> Path:
                 sync = world == 1 or args.fsdp or micro == args.grad_accum - 1
                 with (nullcontext() if sync else runner.no_sync()), \
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-                    loss = runner(**batch, num_items_in_batch=n_items).loss
+                    # No KV cache in training (and transformers warns that checkpointing
+                    # turns it off when asked for one).
+                    loss = runner(**batch, num_items_in_batch=n_items, use_cache=False).loss
                 # DDP / FSDP average the ranks' gradients; we want the sum.
                 (loss * world).backward()
                 step_loss += loss.detach()
