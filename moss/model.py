@@ -148,6 +148,8 @@ class MossModel(nn.Module):
                                                  causal=causal, validate=validate)
         self.router.begin_plan(build, prefill_ids=input_ids if cache is not None else None,
                                image_ids=ids, grid=grid, mask=mask)
+        if cache is not None:
+            self.router.follow(cache)
         return self._pass_routing(args, kwargs)
 
     def _pass_routing(self, args, kwargs):

@@ -104,6 +104,43 @@ class Router:
     def end(self):
         self.mode, self.current, self.step, self.fill = None, None, None, False
 
+    def follow(self, cache) -> None:
+        """Make the decode state follow ``cache``'s batch operations: beam search reorders the
+        KV cache's rows between steps (``reorder_cache``), and other strategies select or
+        repeat them; the image-run lengths and the rings are per row too, and must move with
+        them (else a beam reads another beam's past tap products). ``crop`` (assisted
+        decoding) would need the rings' overwritten slots back: it is refused."""
+        def after(name, update):
+            method = getattr(cache, name, None)
+            if method is None or getattr(method, "_moss_follows", False):
+                return
+
+            def wrapped(arg):
+                out = method(arg)
+                if self.run is not None:
+                    update(arg)
+                return out
+            wrapped._moss_follows = True
+            setattr(cache, name, wrapped)  # this cache object only
+
+        def crop(_):
+            raise NotImplementedError(
+                "MOSS's incremental ConvLoRA state cannot be cropped (assisted decoding, "
+                "prompt lookup): generate without an assistant")
+        after("reorder_cache", self._select)
+        after("batch_select_indices", self._select)
+        after("batch_repeat_interleave", self._repeat)
+        if getattr(cache, "crop", None) is not None:
+            cache.crop = crop
+
+    def _select(self, rows: torch.Tensor) -> None:
+        self.run = self.run[rows.to(self.run.device)]
+        self.rings = {k: ring[rows.to(ring.device)] for k, ring in self.rings.items()}
+
+    def _repeat(self, n: int) -> None:
+        self.run = self.run.repeat_interleave(n, 0)
+        self.rings = {k: ring.repeat_interleave(n, 0) for k, ring in self.rings.items()}
+
     def _enter(self, mode):
         if self.mode is not None:
             raise RuntimeError("MossModel.forward is already running (nested calls are not "

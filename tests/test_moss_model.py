@@ -344,6 +344,43 @@ def test_generate_uses_the_decode_state():
     assert torch.equal(out[:, -4:], seq[:, -4:])
 
 
+def test_beam_search_scores_are_the_full_forwards_scores():
+    """Beam search reorders the KV cache's rows between steps; the decode state (image runs,
+    rings) must move with them, or a beam reads another's past tap products (the scores then
+    differed by ~0.1 nats). Three beams, three returned sequences each, a left-padded row."""
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID),
+                          image_logits=True)  # image codes can be generated
+    _randomize_B(moss, scale=1.0)
+    prompt = torch.tensor([[1, 7] + IMG[:5], [0, 0, 11] + IMG[17:21]])
+    pmask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+    eos = moss.model.generation_config.eos_token_id
+    with torch.no_grad():
+        out = moss.generate(input_ids=prompt, attention_mask=pmask, max_new_tokens=6,
+                            num_beams=3, num_return_sequences=3, do_sample=False,
+                            length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+        seqs = out.sequences
+        mask = torch.cat([pmask.repeat_interleave(3, 0), torch.ones_like(seqs[:, 7:])], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logp = moss(input_ids=seqs, attention_mask=mask, position_ids=pos).logits.log_softmax(-1)
+    for i, (seq, score) in enumerate(zip(seqs, out.sequences_scores)):
+        total = 0.0
+        for t in range(7, seq.shape[0]):  # up to and including an end of sequence
+            total += logp[i, t - 1, seq[t]].item()
+            if seq[t] == eos:
+                break
+        assert score.item() == pytest.approx(total, abs=1e-4), f"sequence {i}"
+
+
+def test_cropping_the_cache_of_a_moss_generation_is_refused():
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID))
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        moss(input_ids=torch.tensor([[1, 7] + IMG[:3]]), use_cache=True,
+             **{_cache_kwarg(moss.model): cache})
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+
+
 def test_image_logits_option_lifts_chameleons_mask_and_unload_restores_it():
     ids, mask = interleaved_ids()
     labels = torch.where(mask == 1, ids, -100)  # includes image tokens
