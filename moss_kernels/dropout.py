@@ -48,7 +48,7 @@ def lora_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if x.device.type != "cpu" or x.dtype not in _CPU_DTYPES or not _ext.loaded():
         return F.dropout(x, p)
-    seed = torch.randint(1 << 62, (), dtype=torch.int64)
+    seed = torch.randint(1 << 62, (), dtype=torch.int64, device="cpu")
     return dropout(x, seed, float(p))
 
 
