@@ -46,15 +46,20 @@ def lora_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         raise ValueError(f"p: expected a probability in [0, 1), got {p!r}")
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or x.dtype not in _CPU_DTYPES or not _ext.loaded():
+    if not _has_kernel(x):
         return F.dropout(x, p)
     seed = torch.randint(1 << 62, (), dtype=torch.int64, device="cpu")
     return dropout(x, seed, float(p))
 
 
+def _has_kernel(x: Tensor) -> bool:
+    """Whether csrc/cpu/dropout_cpu.cpp runs on ``x``."""
+    return x.device.type == "cpu" and x.dtype in _CPU_DTYPES and _ext.loaded()
+
+
 @torch.library.custom_op("moss::dropout", mutates_args=())
 def dropout(x: Tensor, seed: Tensor, p: float) -> Tensor:
-    if x.device.type == "cpu" and _ext.loaded():
+    if _has_kernel(x):
         return torch.ops.moss._ext_dropout(x, seed, p)
     return _hash_dropout(x, seed, p)
 

@@ -77,6 +77,11 @@ def test_lora_dropout_follows_torch_manual_seed_and_is_identity_when_off():
     assert mk.lora_dropout(x, 0.0) is x and mk.lora_dropout(x, 0.5, training=False) is x
 
 
+def test_the_op_without_a_kernel_for_the_dtype_is_the_specification():
+    x = torch.randn(40, 30, dtype=torch.float16)
+    assert torch.equal(dropout(x, SEED, 0.3), _hash_dropout(x, SEED, 0.3))
+
+
 def test_lora_dropout_falls_back_to_f_dropout_where_the_op_has_no_kernel():
     x = torch.randn(64, 32, dtype=torch.float16)  # not a dtype of the CPU kernel
     torch.manual_seed(5)
