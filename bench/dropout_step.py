@@ -9,8 +9,8 @@ so without PYTHONPATH an installed moss would be timed; the last line says which
 A stack of ``MossLinear`` layers (frozen ``nn.Linear(dim, dim)``, GELU between, text and 16 x 16
 images half and half, r 16, K 2) runs forward + backward with ``dropout`` 0.05 and 0, interleaved
 (A B A B ...) so that a drifting machine hits both alike; it prints each median with p20 / p80
-and their ratio. Also timed, for what dropout itself costs: ``mk.lora_dropout`` (the layer's)
-forward and backward on the same ``[N, dim]`` activations, once per layer. With ``--threads 1``
+and their ratio. Also timed, for what drawing the masks costs: ``dropout_mask`` (the layer's) on
+the same ``[N, dim]`` activations, once per layer. With ``--threads 1``
 the clock is the process's CPU time, which other processes on a shared machine barely move
 (wall time there drifts by 2x between rounds); with more threads it is wall time.
 """
@@ -30,6 +30,7 @@ import moss_kernels as mk
 from moss.config import MossConfig
 from moss.layer import MossLinear
 from moss.router import Router
+from moss_kernels.dropout import dropout_mask
 
 
 def stack(dim: int, layers: int, backend: str) -> tuple[nn.ModuleList, Router]:
@@ -95,28 +96,26 @@ def main(argv=None) -> None:
             router.end()
         return clock() - start
 
-    def dropout_alone() -> float:
-        xs = [x0.clone().requires_grad_() for _ in mods]
+    def masks_alone() -> float:
         start = clock()
-        for x in xs:
-            mk.lora_dropout(x, args.p).backward(x0)
+        for _ in mods:
+            dropout_mask(x0, args.p)
         return clock() - start
 
     for _ in range(3):  # warm-up: allocator, thread pool, first-touch pages
-        step(args.p), step(0.0), dropout_alone()
-    times = {"dropout": [], "none": [], "lora_dropout": []}
+        step(args.p), step(0.0), masks_alone()
+    times = {"dropout": [], "none": [], "masks": []}
     for _ in range(args.rounds):
         times["dropout"].append(step(args.p))
         times["none"].append(step(0.0))
-        times["lora_dropout"].append(dropout_alone())
+        times["masks"].append(masks_alone())
     meds = {}
     for name, ts in times.items():
         med, p20, p80 = quantiles(ts)
         meds[name] = med
         print(f"{name:>10}: median {med * 1e3:8.2f} ms (p20 {p20 * 1e3:.2f}, p80 {p80 * 1e3:.2f})")
     print(f"step with dropout {args.p} / without: {meds['dropout'] / meds['none']:.3f}x; "
-          f"lora_dropout fwd + bwd on {args.layers} inputs: "
-          f"{meds['lora_dropout'] / meds['none']:.3f} "
+          f"drawing {args.layers} masks: {meds['masks'] / meds['none']:.3f} "
           f"of a step without (N {args.tokens}, D {args.dim}, {args.threads} threads, "
           f"{'CPU' if clock is time.process_time else 'wall'} time, backend {args.backend}, "
           f"moss from {Path(mk.__file__).parents[1]})")

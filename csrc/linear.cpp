@@ -51,6 +51,20 @@ void check_adapter_input(const at::Tensor& x, const c10::optional<at::Tensor>& x
               x_adapter->scalar_type(), " on ", x_adapter->device());
 }
 
+void check_dropout_mask(const at::Tensor& x, const c10::optional<at::Tensor>& x_adapter,
+                        const c10::optional<at::Tensor>& dropout_mask) {
+  if (!dropout_mask.has_value()) return;
+  TORCH_CHECK(!x_adapter.has_value(),
+              "dropout_mask: the adapters read x through it, so x_adapter must be None");
+  const int64_t width = (x.size(1) + 63) / 64 * 8;  // packed bits, whole 64-bit words a row
+  TORCH_CHECK(dropout_mask->scalar_type() == at::kByte && dropout_mask->dim() == 2 &&
+                  dropout_mask->size(0) == x.size(0) && dropout_mask->size(1) == width &&
+                  dropout_mask->device() == x.device() && dropout_mask->is_contiguous(),
+              "dropout_mask: expected a contiguous uint8 [", x.size(0), ", ", width,
+              "] tensor of packed bits on ", x.device(), ", got ", dropout_mask->scalar_type(),
+              " ", dropout_mask->sizes(), " on ", dropout_mask->device());
+}
+
 const at::Tensor& backward_adapter_input(const c10::optional<at::Tensor>& x,
                                          const c10::optional<at::Tensor>& x_adapter,
                                          bool need_dweight, bool need_dx_adapter) {

@@ -23,6 +23,11 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
 // x_adapter, when given, is what the adapters read instead of x: x's shape, dtype and device.
 void check_adapter_input(const at::Tensor& x, const c10::optional<at::Tensor>& x_adapter);
 
+// dropout_mask, when given (LoRA dropout: the adapters read x * keep * scale): uint8 [N,
+// 8 * ceil(D_in / 64)] bits (moss_kernels/dropout.py), x's device, contiguous, no x_adapter.
+void check_dropout_mask(const at::Tensor& x, const c10::optional<at::Tensor>& x_adapter,
+                        const c10::optional<at::Tensor>& dropout_mask);
+
 // The backward's x and x_adapter, checked (x may be absent when x_adapter is given and dW is not
 // asked for: nothing else reads it): the one the adapters read, x_adapter if given, else x.
 const at::Tensor& backward_adapter_input(const c10::optional<at::Tensor>& x,

@@ -55,19 +55,24 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
   // The compiled backends' kernels, one schema for every device (csrc/cpu, csrc/cuda); the
   // math and argument order are those of moss_kernels/reference.py forward() and backward().
   // x_adapter (None: x) is what the adapters read; the backward's x may be None when
-  // x_adapter is given and dW is not asked for (nothing else reads it then).
+  // x_adapter is given and dW is not asked for (nothing else reads it then). dropout_mask (bool,
+  // x's shape; only with x_adapter None) makes it x * dropout_mask * dropout_scale, read where
+  // the kernels read x (the CPU kernels; CUDA's take it materialised, as x_adapter).
   m.def(
-      "_ext_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? x_adapter, Tensor text_A, "
-      "Tensor text_B, Tensor image_A, Tensor image_B, Tensor route, Tensor nbr, "
-      "float text_scale, float image_scale) -> (Tensor, Tensor)");
+      "_ext_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? x_adapter, "
+      "Tensor? dropout_mask, float dropout_scale, Tensor text_A, Tensor text_B, Tensor image_A, "
+      "Tensor image_B, Tensor route, Tensor nbr, float text_scale, float image_scale) "
+      "-> (Tensor, Tensor)");
   m.def(
-      "_ext_linear_bwd(Tensor dy, Tensor? x, Tensor weight, Tensor? x_adapter, Tensor text_A, "
-      "Tensor text_B, Tensor image_A, Tensor image_B, Tensor z, Tensor route, Tensor nbr_t, "
-      "float text_scale, float image_scale, bool need_dx, bool need_dweight, bool need_dbias, "
+      "_ext_linear_bwd(Tensor dy, Tensor? x, Tensor weight, Tensor? x_adapter, "
+      "Tensor? dropout_mask, float dropout_scale, Tensor text_A, Tensor text_B, Tensor image_A, "
+      "Tensor image_B, Tensor z, Tensor route, Tensor nbr_t, float text_scale, "
+      "float image_scale, bool need_dx, bool need_dweight, bool need_dbias, "
       "bool need_dx_adapter) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // LoRA dropout from a counter-based hash of (seed, element index): csrc/cpu/dropout_cpu.cpp.
-  m.def("_ext_dropout(Tensor x, Tensor seed, float p) -> Tensor");
+  // LoRA dropout's keep mask from a counter-based hash of (seed, element index), x's shape:
+  // csrc/cpu/dropout_cpu.cpp.
+  m.def("_ext_dropout_mask(Tensor x, Tensor seed, float p) -> Tensor");
   // The `cuda-emulated` test backend (csrc/emulated/): the CUDA backend's source run on CPU
   // tensors, under ops of its own (the schemas above), and its launch settings.
   m.def(

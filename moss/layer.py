@@ -109,12 +109,11 @@ class MossLinear(nn.Module):
             None, None]
         scales = (self.text_scale, self.image_scale if images else 1.0)
         weight, bias = self.base.weight, self.base.bias
-        # LoRA dropout applies to the adapters' input only: the base GEMM reads x and the
-        # down-projection dropout(x), in the same call (no second GEMM); lora_dropout's mask
-        # is a hash, not a stored tensor (moss_kernels/dropout.py).
-        x_adapter = mk.lora_dropout(x, self.dropout) if self.dropout and self.training else None
+        # LoRA dropout applies to the adapters' input only, inside the same call: the base GEMM
+        # reads x, the adapters x through the mask (no second GEMM; on CPU no dropout pass).
+        p = self.dropout if self.training else 0.0
         return mk.moss_linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                              plan, *adapters, *scales, backend=self.backend, x_adapter=x_adapter)
+                              plan, *adapters, *scales, backend=self.backend, adapter_dropout=p)
 
     def extra_repr(self) -> str:
         return (f"{self.base.in_features} -> {self.base.out_features}, "

@@ -6,13 +6,12 @@
 """
 
 from .backends import BackendUnavailableError, available_backends
-from .dropout import lora_dropout
 from .linear import moss_linear
 from .routing import ROUTE_IMAGE, ROUTE_PAD, ROUTE_TEXT, RoutingPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "RoutingPlan", "moss_linear", "lora_dropout", "available_backends", "BackendUnavailableError",
+    "RoutingPlan", "moss_linear", "available_backends", "BackendUnavailableError",
     "ROUTE_PAD", "ROUTE_TEXT", "ROUTE_IMAGE", "__version__",
 ]

@@ -10,9 +10,12 @@ why it cannot run here (if so), and its two entry points, which take the layer's
                                           image_B); a gradient ``needs`` does not ask for is an
                                           empty tensor
 
-The adapters read :attr:`LinearInputs.adapter_input`: ``x_adapter`` when given (LoRA dropout:
-``dropout(x)``), else ``x``. The base GEMM always reads ``x``, the down-projection the adapter
-input, so a separate adapter input costs no second base GEMM (docs/design.md section 3).
+The adapters read :attr:`LinearInputs.adapter_input`: ``x_adapter`` when given, ``x`` through
+LoRA dropout's ``dropout_mask`` when that is given, else ``x``. The base GEMM always reads ``x``,
+the down-projection the adapter input, so dropout costs no second base GEMM (docs/design.md
+section 3). A backend whose kernels read the mask themselves (``fuses_dropout``: ``cpu``) gets
+it as it is; every other one gets the masked input materialised as ``x_adapter``, and its
+``dx_adapter`` masked back onto ``dx``, by :func:`forward` / :func:`backward` below.
 
 Each backend module builds its own record; :data:`_LOADERS` below says how to reach it and, when
 that fails (not built, no GPU, an import error), returns a record that says why. Selection, in
@@ -27,7 +30,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -60,11 +63,20 @@ class LinearInputs:
     nbr_t: Tensor | None  # [N, K*K] int32, read by the backward
     text_scale: float
     image_scale: float
+    # LoRA dropout (only with x_adapter None), packed in bits as moss_kernels/dropout.py says
+    # ([N, 8 * ceil(D_in / 64)] uint8): the adapters read x * keep * dropout_scale
+    dropout_mask: Tensor | None = None
+    dropout_scale: float = 1.0
 
     @property
     def adapter_input(self) -> Tensor:
-        """What the down-projection reads: ``x_adapter`` when given, else ``x``."""
-        return self.x if self.x_adapter is None else self.x_adapter
+        """What the down-projection reads: ``x_adapter``, or ``x`` through the dropout mask
+        (materialised here, rounded once to x's dtype), or ``x``."""
+        if self.x_adapter is not None:
+            return self.x_adapter
+        if self.dropout_mask is None:
+            return self.x
+        return _masked(self.x, self.dropout_mask, self.dropout_scale)
 
 
 class Needs(NamedTuple):
@@ -77,6 +89,14 @@ class Needs(NamedTuple):
     weight: bool
     bias: bool
     x_adapter: bool
+
+
+def _masked(t: Tensor, bits: Tensor, scale: float) -> Tensor:
+    """``t * keep * scale`` for the packed mask ``bits``, computed in the accumulation dtype
+    (a dropped NaN is 0)."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    keep = importlib.import_module("moss_kernels.dropout").unpack(bits, t.shape[1])
+    return torch.where(keep, t.to(acc) * scale, 0.0).to(t.dtype)
 
 
 class Grads(NamedTuple):
@@ -101,6 +121,8 @@ class Backend:
     # Runs GPU kernels on the CPU (Triton's interpreter, the cuda-emulated test backend): correct,
     # but slow, so `auto` never picks it and moss bench never times it.
     emulated: bool = False
+    # Its kernels read LinearInputs.dropout_mask themselves (else forward() materialises it).
+    fuses_dropout: bool = False
     unavailable: str | None = None  # why it cannot run here; None: it can
 
     def runs_on(self, device_type: str) -> bool:
@@ -187,6 +209,26 @@ def implementation(name: str) -> Backend:
     if found.unavailable is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {found.unavailable}")
     return found
+
+
+def forward(b: Backend, a: LinearInputs) -> tuple[Tensor, Tensor]:
+    """``b``'s forward on ``a``; a dropout mask ``b`` does not read becomes its x_adapter."""
+    if a.dropout_mask is None or b.fuses_dropout:
+        return b.forward(a)
+    return b.forward(replace(a, x_adapter=a.adapter_input, dropout_mask=None))
+
+
+def backward(b: Backend, a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
+    """``b``'s backward on ``a``; through a dropout mask ``b`` does not read, the adapters'
+    input gradient comes back as dx_adapter and goes onto dx through the mask."""
+    if a.dropout_mask is None or b.fuses_dropout:
+        return b.backward(a, dy, z, needs)
+    g = b.backward(replace(a, x_adapter=a.adapter_input, dropout_mask=None), dy, z,
+                   needs._replace(x_adapter=needs.x))
+    if not needs.x:
+        return g
+    return g._replace(x=g.x + _masked(g.x_adapter, a.dropout_mask, a.dropout_scale),
+                      x_adapter=dy.new_empty(0))
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

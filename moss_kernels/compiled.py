@@ -18,27 +18,34 @@ from torch import Tensor
 from .backends import Backend, Grads, LinearInputs, Needs
 
 
-def _entry_points(fwd, bwd):
-    """A backend's forward and backward through the extension ops ``fwd`` / ``bwd``."""
+def _entry_points(fwd, bwd, masks: bool):
+    """A backend's forward and backward through the extension ops ``fwd`` / ``bwd``; ``masks``:
+    their schemas take the dropout mask (``_ext_*``; on CUDA it is always None, see
+    Backend.fuses_dropout)."""
+    def drop(a: LinearInputs) -> tuple:
+        return (a.dropout_mask, a.dropout_scale) if masks else ()
+
     def forward(a: LinearInputs) -> tuple[Tensor, Tensor]:
-        return fwd(a.x, a.weight, a.bias, a.x_adapter, a.text_A, a.text_B, a.image_A,
+        return fwd(a.x, a.weight, a.bias, a.x_adapter, *drop(a), a.text_A, a.text_B, a.image_A,
                    a.image_B, a.route, a.nbr, a.text_scale, a.image_scale)
 
     def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
-        return Grads(*bwd(dy, a.x, a.weight, a.x_adapter, a.text_A, a.text_B, a.image_A,
-                          a.image_B, z, a.route, a.nbr_t, a.text_scale, a.image_scale, *needs))
+        return Grads(*bwd(dy, a.x, a.weight, a.x_adapter, *drop(a), a.text_A, a.text_B,
+                          a.image_A, a.image_B, z, a.route, a.nbr_t, a.text_scale,
+                          a.image_scale, *needs))
 
     return forward, backward
 
 
-_EXT = _entry_points(torch.ops.moss._ext_linear_fwd, torch.ops.moss._ext_linear_bwd)
+_EXT = _entry_points(torch.ops.moss._ext_linear_fwd, torch.ops.moss._ext_linear_bwd, True)
 _HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
 CPU = Backend("cpu", *_EXT, devices=("cpu",),
-              dtypes=(torch.float32, torch.float64, torch.bfloat16), preference=1)
+              dtypes=(torch.float32, torch.float64, torch.bfloat16), preference=1,
+              fuses_dropout=True)
 CUDA = Backend("cuda", *_EXT, devices=("cuda",), dtypes=_HALF_AND_SINGLE, preference=1)
 EMULATED = Backend("cuda-emulated", *_entry_points(torch.ops.moss._emulated_linear_fwd,
-                                                   torch.ops.moss._emulated_linear_bwd),
+                                                   torch.ops.moss._emulated_linear_bwd, False),
                    devices=("cpu",), dtypes=_HALF_AND_SINGLE, emulated=True)
 
 

@@ -1,22 +1,28 @@
-"""LoRA dropout whose mask is a hash of (seed, element index): nothing stored, one pass.
+"""LoRA dropout's keep mask, packed in bits; on CPU a hash of (seed, element index).
 
-:func:`lora_dropout` is what :class:`moss.MossLinear` applies to the adapters' input
-(``moss_linear(..., x_adapter=lora_dropout(x, p))``). On CPU with the compiled extension it is
-the custom op ``moss::dropout(x, seed, p)``:
+:func:`dropout_mask` is what ``moss_linear(..., adapter_dropout=p)`` draws per call for its
+``[N, D]`` input: each element kept with probability ``1 - p``; the ops read ``x * keep / (1 -
+p)`` (moss_kernels/linear.py). The format, which every backend reads:
 
-    y[i] = keep(seed, i) ? x[i] / (1 - p) : 0,   keep(seed, i) = hash(seed, i) >= p * 2^32
+    uint8 [N, 8 * ceil(D / 64)]: bit c % 8 of byte c // 8 of row t keeps x[t, c]; bits past D are 0
 
-with ``i`` the element's index in ``x``'s contiguous layout and ``seed`` one int64 drawn from
-torch's default generator per call (so ``torch.manual_seed`` reproduces it, and gradient
-checkpointing, which replays the RNG state, recomputes the same mask). Its backward is the
-same op on the gradient with the same seed: no mask is kept. Why: on CPU ``F.dropout``'s
-``bernoulli_`` costs ~5 ns an element and its mask another pass each way; at d 512 that was a
-third of a MOSS training step (bench/results/README.md, #15). Elsewhere (CUDA, where
-``F.dropout`` is already one fused pass; or without the extension) it is ``F.dropout``: the same
-distribution (each element kept with probability ``1 - p``, scaled by ``1 / (1 - p)``), another
-random stream.
+Bits, not a bool tensor: an eighth of the memory the autograd context keeps, and the CPU kernels
+turn 16 bits into a vector condition in three instructions (a byte per element needs a
+conversion GCC does not vectorise); rows of whole 64-bit words so that no read runs past a row.
+:func:`pack` / :func:`unpack` convert from / to a bool ``[N, D]`` tensor. On CPU with the
+compiled extension the mask is the custom op ``moss::dropout_mask(x, seed, p)``:
 
-:func:`_hash_dropout` below is the hash in torch ops: the op's implementation where the C++ kernel
+    keep[t, c] = hash(seed, i) >= p * 2^32,   i = t * D + c (x's contiguous index)
+
+with ``seed`` one int64 drawn from
+torch's default (CPU) generator per call, so ``torch.manual_seed`` reproduces it and gradient
+checkpointing, which replays the RNG state, recomputes the same mask. Why a hash: on CPU
+``bernoulli_`` costs ~5 ns an element (F.dropout at d 512 was a third of a MOSS training step,
+bench/results/README.md, #15); the hash costs about a cycle. Elsewhere (CUDA, where
+``bernoulli_`` is one fast pass; or without the extension) the mask is ``bernoulli_``'s: the same
+distribution, another random stream.
+
+:func:`_hash_keep` is the hash in torch ops: the op's implementation where the C++ kernel
 (csrc/cpu/dropout_cpu.cpp) is not registered, and its specification, bit for bit.
 """
 
@@ -25,62 +31,63 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ext
 
-__all__ = ["lora_dropout"]
+__all__ = ["dropout_mask", "pack", "unpack"]
 
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _M32 = 0xFFFFFFFF
 
 
-def lora_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Dropout for an adapter's input: ``x`` with each element zeroed with probability ``p``
-    and the rest scaled by ``1 / (1 - p)``; ``x`` itself when not training or ``p == 0``."""
-    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
-        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
-        raise TypeError(f"x: expected a floating-point torch.Tensor, got {got}")
+def dropout_mask(x: Tensor, p: float) -> Tensor:
+    """A fresh LoRA dropout mask for the ``[N, D]`` input ``x``, packed (see above), on ``x``'s
+    device; each element kept with probability ``1 - p``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [N, D], got shape {tuple(x.shape)}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"p: expected a probability in [0, 1), got {p!r}")
-    if not training or p == 0.0:
-        return x
-    if not _has_kernel(x):
-        return F.dropout(x, p)
+    if x.device.type != "cpu":
+        return pack(torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p))
     seed = torch.randint(1 << 62, (), dtype=torch.int64, device="cpu")
-    return dropout(x, seed, float(p))
+    return hashed_mask(x, seed, float(p))
 
 
-def _has_kernel(x: Tensor) -> bool:
-    """Whether csrc/cpu/dropout_cpu.cpp runs on ``x``."""
-    return x.device.type == "cpu" and x.dtype in _CPU_DTYPES and _ext.loaded()
+def packed_width(d: int) -> int:
+    """Bytes per row of a packed mask for rows of ``d`` elements: whole 64-bit words."""
+    return (d + 63) // 64 * 8
 
 
-@torch.library.custom_op("moss::dropout", mutates_args=())
-def dropout(x: Tensor, seed: Tensor, p: float) -> Tensor:
-    if _has_kernel(x):
-        return torch.ops.moss._ext_dropout(x, seed, p)
-    return _hash_dropout(x, seed, p)
+def pack(keep: Tensor) -> Tensor:
+    """A bool ``[N, D]`` mask in the packed format."""
+    n, d = keep.shape
+    width = packed_width(d)
+    padded = keep.new_zeros(n, width * 8)
+    padded[:, :d] = keep
+    weights = 2 ** torch.arange(8, device=keep.device, dtype=torch.int32)
+    return (padded.view(n, width, 8).int() * weights).sum(-1).to(torch.uint8)
 
 
-@dropout.register_fake
-def _dropout_fake(x, seed, p):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def unpack(bits: Tensor, d: int) -> Tensor:
+    """The bool ``[N, d]`` mask of a packed one."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :d].bool()
 
 
-def _setup_context(ctx, inputs, output):
-    _, seed, p = inputs
-    ctx.save_for_backward(seed)
-    ctx.p = p
+@torch.library.custom_op("moss::dropout_mask", mutates_args=())
+def hashed_mask(x: Tensor, seed: Tensor, p: float) -> Tensor:
+    """The packed keep mask of the ``[N, D]`` input ``x`` for ``seed`` (only ``x``'s shape and
+    device are read)."""
+    if x.device.type == "cpu" and _ext.loaded():
+        return torch.ops.moss._ext_dropout_mask(x, seed, p)
+    return pack(_hash_keep(x, seed, p))
 
 
-def _backward(ctx, dy):
-    (seed,) = ctx.saved_tensors
-    return dropout(dy.contiguous(), seed, ctx.p), None, None
-
-
-dropout.register_autograd(_backward, setup_context=_setup_context)
+@hashed_mask.register_fake
+def _hashed_mask_fake(x, seed, p):
+    return torch.empty(x.shape[0], packed_width(x.shape[1]), dtype=torch.uint8, device=x.device)
 
 
 def _fmix32(h: Tensor) -> Tensor:
@@ -92,14 +99,13 @@ def _fmix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def _hash_dropout(x: Tensor, seed: Tensor, p: float) -> Tensor:
-    """The op in torch ops: csrc/cpu/dropout_cpu.cpp's hash and mask, bit for bit."""
+def _hash_keep(x: Tensor, seed: Tensor, p: float) -> Tensor:
+    """The op in torch ops, as a bool tensor of ``x``'s shape: csrc/cpu/dropout_cpu.cpp's hash
+    and threshold, bit for bit."""
     i = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
     s = seed.to(device=x.device, dtype=torch.int64)
     s_lo, s_hi = s & _M32, (s >> 32) & _M32
     key = _fmix32(s_lo ^ _fmix32((s_hi + 0x9E3779B9 * ((i >> 32) + 1)) & _M32))
     h = _fmix32((_fmix32((i & _M32) ^ key) + key) & _M32)
     threshold = min(math.floor(math.ldexp(p, 32) + 0.5), _M32)  # llround's, for p >= 0
-    keep = (h >= threshold).view(x.shape)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.where(keep, x.to(acc) * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
+    return (h >= threshold).view(x.shape)

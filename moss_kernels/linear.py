@@ -6,10 +6,11 @@ specification. This file holds what all backends share:
 * two ``torch.library`` custom ops in the ``moss`` namespace,
 
       moss::linear_fwd(x, W, b?, x_adapter?, A_t, B_t, A_i, B_i, route, nbr, nbr_t, s_t, s_i,
-                       backend)
+                       backend, dropout_mask?, dropout_scale)
           -> (y [N, D_out], z [N, R_t + R_i])
       moss::linear_bwd(dy, x?, W, x_adapter?, A_t, B_t, A_i, B_i, z, route, nbr_t, s_t, s_i,
-                       need_dx, need_dW, need_db, need_dx_adapter, backend)
+                       need_dx, need_dW, need_db, need_dx_adapter, backend, dropout_mask?,
+                       dropout_scale)
           -> (dx, dW, db, dx_adapter, dA_t, dB_t, dA_i, dB_i)  (empty: grads not asked for)
 
   with fake implementations (shapes only) and registered autograd, so ``torch.compile(
@@ -23,12 +24,20 @@ specification. This file holds what all backends share:
   adapter scales, the others' does not).
   ``nbr_t`` is an input of the forward op only so that the autograd context can keep it.
 
-* ``x_adapter``: the adapters' own input, for LoRA dropout (``x_adapter = dropout(x)``):
+* ``x_adapter``: the adapters' own input (any tensor of x's shape):
   ``y = x W^T + b + expand(route(x_adapter A_all^T))``. The base GEMM reads x and the
-  down-projection x_adapter, each once, so dropout costs no second GEMM; the backward returns
-  ``dx = dy W`` and ``dx_adapter = dP A_all`` apart (with x_adapter None, ``dx`` is their sum,
-  as one GEMM). With a frozen weight and an x_adapter the backward does not read x, and the
-  autograd context does not keep it (an N x D_in tensor per layer less).
+  down-projection x_adapter, each once; the backward returns ``dx = dy W`` and
+  ``dx_adapter = dP A_all`` apart (with x_adapter None, ``dx`` is their sum, as one GEMM). With a
+  frozen weight and an x_adapter the backward does not read x, and the autograd context does
+  not keep it.
+
+* ``dropout_mask`` / ``dropout_scale``: LoRA dropout (what ``moss_linear(adapter_dropout=p)``
+  passes): the adapters read ``x * dropout_mask * dropout_scale``, and ``dx = dy W + mask *
+  scale * dP A_all``. The ``cpu`` backend reads the mask where its kernels read x (project, the
+  dA outer product, the dx expand): dropout adds no pass over x and no tensor of x's size, only
+  the mask, packed in bits (moss_kernels/dropout.py), which the autograd context keeps (1/32 of
+  an fp32 x_adapter). Other backends get the masked input materialised (backends.forward /
+  backward).
 
 * :func:`moss_linear`, the public function: validates, flattens the leading dims of ``x``,
   picks the backend and calls the op.
@@ -41,7 +50,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, dropout
 from .backends import LinearInputs, Needs
 from .reference import accumulation_dtype
 from .routing import RoutingPlan
@@ -54,15 +63,24 @@ def linear_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, x_adapter: Tensor | None, text_A: Tensor,
     text_B: Tensor, image_A: Tensor, image_B: Tensor, route: Tensor, nbr: Tensor,
     nbr_t: Tensor, text_scale: float, image_scale: float, backend: str,
+    dropout_mask: Tensor | None = None, dropout_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    return backends.implementation(backend).forward(LinearInputs(
+    _check_dropout_mask(x_adapter, dropout_mask)
+    return backends.forward(backends.implementation(backend), LinearInputs(
         x, weight, bias, x_adapter, text_A, text_B, image_A, image_B, route, nbr, nbr_t,
-        text_scale, image_scale))
+        text_scale, image_scale, dropout_mask, dropout_scale))
+
+
+def _check_dropout_mask(x_adapter, dropout_mask) -> None:
+    if dropout_mask is not None and x_adapter is not None:
+        raise ValueError("dropout_mask: the adapters read x through it, so x_adapter must be "
+                         "None; got both")
 
 
 @linear_fwd.register_fake
 def _linear_fwd_fake(x, weight, bias, x_adapter, text_A, text_B, image_A, image_B, route, nbr,
-                     nbr_t, text_scale, image_scale, backend):
+                     nbr_t, text_scale, image_scale, backend, dropout_mask=None,
+                     dropout_scale=1.0):
     y = x.new_empty(x.shape[0], weight.shape[0])
     z = x.new_empty(x.shape[0], text_A.shape[0] + image_A.shape[0],
                     dtype=accumulation_dtype(x.dtype))
@@ -74,17 +92,19 @@ def linear_bwd(
     dy: Tensor, x: Tensor | None, weight: Tensor, x_adapter: Tensor | None, text_A: Tensor,
     text_B: Tensor, image_A: Tensor, image_B: Tensor, z: Tensor, route: Tensor, nbr_t: Tensor,
     text_scale: float, image_scale: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
-    need_dx_adapter: bool, backend: str,
+    need_dx_adapter: bool, backend: str, dropout_mask: Tensor | None = None,
+    dropout_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter)
+    _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter, dropout_mask)
     inputs = LinearInputs(x, weight, None, x_adapter, text_A, text_B, image_A, image_B, route,
-                          None, nbr_t, text_scale, image_scale)
-    grads = backends.implementation(backend).backward(
-        inputs, dy, z, Needs(need_dx, need_dweight, need_dbias, need_dx_adapter))
+                          None, nbr_t, text_scale, image_scale, dropout_mask, dropout_scale)
+    grads = backends.backward(backends.implementation(backend), inputs, dy, z,
+                              Needs(need_dx, need_dweight, need_dbias, need_dx_adapter))
     return tuple(grads)
 
 
-def _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter) -> None:
+def _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter, dropout_mask) -> None:
+    _check_dropout_mask(x_adapter, dropout_mask)
     if x is None and (x_adapter is None or need_dweight):
         raise ValueError("x: the backward reads it for dW, and for the adapters' gradients when "
                          "x_adapter is None; got None")
@@ -96,8 +116,8 @@ def _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter) -> None:
 @linear_bwd.register_fake
 def _linear_bwd_fake(dy, x, weight, x_adapter, text_A, text_B, image_A, image_B, z, route, nbr_t,
                      text_scale, image_scale, need_dx, need_dweight, need_dbias, need_dx_adapter,
-                     backend):
-    _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter)
+                     backend, dropout_mask=None, dropout_scale=1.0):
+    _check_backward_inputs(x, x_adapter, need_dweight, need_dx_adapter, dropout_mask)
     # Dense row-major, as every backend returns them, whatever the inputs' strides (empty_like
     # of a column-major x would promise a column-major dx, and Inductor would read it so).
     def like(t):
@@ -117,27 +137,31 @@ def _linear_bwd_fake(dy, x, weight, x_adapter, text_A, text_B, image_A, image_B,
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, x_adapter, text_A, text_B, image_A, image_B, route, _nbr, nbr_t,
-     text_scale, image_scale, backend) = inputs
+     text_scale, image_scale, backend, dropout_mask, dropout_scale) = inputs
     # dW reads x, and so do the adapters' gradients when they have no input of their own; else
-    # x is not kept (with dropout on a frozen layer, an N x D_in tensor per layer for nothing).
+    # x is not kept (a frozen layer with an x_adapter would keep an N x D_in tensor for nothing).
     # needs_input_grad is set before setup_context runs, eager and under torch.compile alike.
     keep_x = x_adapter is None or ctx.needs_input_grad[1]
     ctx.save_for_backward(x if keep_x else None, weight, x_adapter, text_A, text_B, image_A,
-                          image_B, output[1], route, nbr_t)
+                          image_B, output[1], route, nbr_t, dropout_mask)
     ctx.scales = (text_scale, image_scale)
     ctx.backend = backend
+    ctx.dropout_scale = dropout_scale
 
 
 def _backward(ctx, dy, _dz):
-    x, weight, x_adapter, text_A, text_B, image_A, image_B, z, route, nbr_t = ctx.saved_tensors
+    (x, weight, x_adapter, text_A, text_B, image_A, image_B, z, route, nbr_t,
+     dropout_mask) = ctx.saved_tensors
     need = ctx.needs_input_grad
     # The incoming gradient may be expanded (stride 0, from y.sum()) or non-contiguous.
     dx, dw, db, dx_a, da_t, db_t, da_i, db_i = linear_bwd(
         dy.contiguous(), x, weight, x_adapter, text_A, text_B, image_A, image_B, z, route, nbr_t,
-        *ctx.scales, need[0], need[1], need[2], need[3], ctx.backend,
+        *ctx.scales, need[0], need[1], need[2], need[3], ctx.backend, dropout_mask,
+        ctx.dropout_scale,
     )
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
-            dx_a if need[3] else None, da_t, db_t, da_i, db_i, None, None, None, None, None, None)
+            dx_a if need[3] else None, da_t, db_t, da_i, db_i, None, None, None, None, None, None,
+            None, None)
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -157,6 +181,7 @@ def moss_linear(
     backend: str | None = None,
     *,
     x_adapter: Tensor | None = None,
+    adapter_dropout: float = 0.0,
 ) -> Tensor:
     """``F.linear(x, weight, bias)`` plus the MOSS adapters, routed per token by ``plan``.
 
@@ -170,10 +195,16 @@ def moss_linear(
         text_scale, image_scale: ``alpha / r`` of each adapter.
         backend: ``reference``, ``cpu``, ``cuda``, ``triton`` or None (see
             :mod:`moss_kernels.backends`).
-        x_adapter: what the adapters read instead of ``x`` (shape, dtype and device of ``x``):
-            ``dropout(x)`` for LoRA dropout, which then costs no second GEMM; its gradient
-            is the adapters' input gradient, ``x``'s the base layer's. None: the adapters
-            read ``x``.
+        x_adapter: what the adapters read instead of ``x`` (shape, dtype and device of ``x``);
+            its gradient is the adapters' input gradient, ``x``'s the base layer's. None: the
+            adapters read ``x``.
+        adapter_dropout: LoRA dropout's probability ``p`` on the adapters' input (the base
+            layer reads ``x`` as it is): each element of the adapters' ``x`` is zeroed with
+            probability ``p``, the others scaled by ``1 / (1 - p)``, a new mask per call drawn
+            from torch's generator (:func:`moss_kernels.dropout.dropout_mask`). Pass 0 in
+            evaluation. The ``cpu`` backend applies the mask inside its kernels (no dropout
+            pass over ``x``, nothing of ``x``'s size kept); others materialise it. Not with
+            ``x_adapter``.
 
     Returns:
         ``[..., D_out]`` in ``x.dtype``; under ``torch.autocast`` for ``x``'s device, in the
@@ -192,6 +223,13 @@ def moss_linear(
     if x_adapter is not None:
         _check_tensor("x_adapter", x_adapter, dtype=x.dtype, device=x.device,
                       shape=tuple(x.shape))
+    if (isinstance(adapter_dropout, bool) or not isinstance(adapter_dropout, (int, float))
+            or not 0.0 <= adapter_dropout < 1.0):
+        raise ValueError(f"adapter_dropout: expected a probability in [0, 1), got "
+                         f"{adapter_dropout!r}")
+    if adapter_dropout and x_adapter is not None:
+        raise ValueError("adapter_dropout: the adapters read x through dropout, so x_adapter "
+                         "must be None (apply the dropout to x_adapter yourself)")
     if bias is not None:
         _check_tensor("bias", bias, dtype=x.dtype, device=x.device, shape=(d_out,))
     if not isinstance(plan, RoutingPlan):
@@ -215,8 +253,10 @@ def moss_linear(
                          f"plan was built for {plan.num_tokens} (layout {plan.shape})")
     xa2 = None if x_adapter is None else x_adapter.reshape(x2.shape)
     name = backends.resolve(backend, x.device.type, x.dtype)
+    mask = dropout.dropout_mask(x2, adapter_dropout) if adapter_dropout else None
     y, _ = linear_fwd(x2, weight, bias, xa2, text_A, text_B, image_A, image_B, plan.route,
-                      plan.nbr, plan.nbr_t, float(text_scale), float(image_scale), name)
+                      plan.nbr, plan.nbr_t, float(text_scale), float(image_scale), name, mask,
+                      1.0 / (1.0 - adapter_dropout))
     return y.view(*lead, d_out)
 
 

@@ -141,26 +141,41 @@ def special_layouts() -> list[Layout]:
 
 
 def run_layer(layout, k, causal, params, dtype, backend, device=DEVICE, scales=(1.5, 0.5),
-              grad=(-1.0, 1.0), frozen=()):
+              grad=(-1.0, 1.0), frozen=(), dropout=0.0):
     """``moss_linear`` on ``backend``: its output and the gradient of every parameter not in
     ``frozen``, for ``dy = linspace(*grad)`` (made in float64, then rounded). A ``x_adapter``
-    in ``params`` is passed as the adapters' own input."""
+    in ``params`` is passed as the adapters' own input; ``dropout``, as ``adapter_dropout``,
+    with the mask of :func:`seeded_mask` (the same for every backend and dtype)."""
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(), kernel_size=k,
                                      causal=causal, cu_seqlens=layout.cu_seqlens).to(device)
     leaves = {n: v.detach().to(device, dtype).requires_grad_(n not in frozen)
               for n, v in params.items() if v is not None}
-    y = mk.moss_linear(leaves["x"], leaves["weight"], leaves.get("bias"), plan,
-                       *(leaves[n] for n in ADAPTERS), *scales, backend=backend,
-                       x_adapter=leaves.get("x_adapter"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DROPOUT_SEED)
+        y = mk.moss_linear(leaves["x"], leaves["weight"], leaves.get("bias"), plan,
+                           *(leaves[n] for n in ADAPTERS), *scales, backend=backend,
+                           x_adapter=leaves.get("x_adapter"), adapter_dropout=dropout)
     y.backward(torch.linspace(*grad, y.numel(), dtype=torch.float64).to(device, dtype).view_as(y))
     return {"y": y.detach(), **{n: v.grad for n, v in leaves.items() if n not in frozen}}
 
 
-def check_backend(layout, k, causal, params, dtype, backend, device=DEVICE, frozen=()):
+DROPOUT_SEED = 2024
+
+
+def seeded_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout mask :func:`run_layer` draws for an input like ``x`` (``[N, D_in]``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DROPOUT_SEED)
+        return mk.dropout.dropout_mask(x, p)
+
+
+def check_backend(layout, k, causal, params, dtype, backend, device=DEVICE, frozen=(),
+                  dropout=0.0):
     """``backend``'s output and gradients against float64, by :func:`within_tolerance`."""
-    want = run_layer(layout, k, causal, params, torch.float64, "reference", device, frozen=frozen)
-    ref = run_layer(layout, k, causal, params, dtype, "reference", device, frozen=frozen)
-    got = run_layer(layout, k, causal, params, dtype, backend, device, frozen=frozen)
+    kw = dict(frozen=frozen, dropout=dropout)
+    want = run_layer(layout, k, causal, params, torch.float64, "reference", device, **kw)
+    ref = run_layer(layout, k, causal, params, dtype, "reference", device, **kw)
+    got = run_layer(layout, k, causal, params, dtype, backend, device, **kw)
     for name, value in got.items():
         assert value.dtype == dtype and value.shape == want[name].shape, name
         assert within_tolerance(value, ref[name], want[name], dtype), name

@@ -3,8 +3,9 @@
 Without a GPU that is the ``cpu`` backend (C++), ``cuda-emulated`` (the CUDA backend's source on
 CPU tensors) and ``triton`` in Triton's interpreter; with one, ``triton`` and ``cuda`` compiled.
 Each is checked in the dtypes its record says it supports here; float64 gets gradcheck. Each is
-also checked with the adapters reading an input of their own (``x_adapter``, as dropout(x)):
-``dx`` then is the base layer's gradient and ``dx_adapter`` the adapters'.
+also checked with the adapters reading an input of their own (``x_adapter``): ``dx`` then is the
+base layer's gradient and ``dx_adapter`` the adapters'; and through LoRA dropout's mask
+(``adapter_dropout``), which the ``cpu`` backend applies inside its kernels.
 """
 
 import pytest
@@ -28,6 +29,7 @@ from helpers import (
     random_layout,
     rel_err,
     run_layer,
+    seeded_mask,
     special_layouts,
     within_tolerance,
 )
@@ -56,6 +58,38 @@ def test_separate_adapter_input_matches_reference(index, k, causal, frozen, back
     layout = LAYOUTS[index]
     params = make_params(gen, layout.n, 37, 29, 3, 5, k, x_adapter=True)
     check_backend(layout, k, causal, params, dtype, backend, frozen=frozen)
+
+
+@pytest.mark.parametrize("backend,dtype", CASES + [("cpu", torch.float64)] * ("cpu" in FUSED))
+@pytest.mark.parametrize("k,causal", [(1, True), (2, True), (3, False)])
+@pytest.mark.parametrize("index", [0, 3, 7, 10, 13, 16])
+@pytest.mark.parametrize("frozen", [(), ("weight", "bias")])
+def test_dropout_matches_reference(index, k, causal, frozen, backend, dtype, gen):
+    """adapter_dropout: y, dx (dy W + the masked adapters' input gradient), dW, db and the
+    adapters' gradients, the mask the same for every backend and dtype (helpers.seeded_mask)."""
+    layout = LAYOUTS[index]
+    params = make_params(gen, layout.n, 37, 29, 3, 5, k)
+    check_backend(layout, k, causal, params, dtype, backend, frozen=frozen, dropout=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_is_the_masked_input_as_x_adapter(backend, gen):
+    """The mask's meaning, on every backend: y as with x_adapter = x * mask / (1 - p), and dx
+    = that layer's dx + mask * dx_adapter / (1 - p)."""
+    layout = random_layout(5, p_image=0.6)
+    params = make_params(gen, layout.n, 40, 18, 4, 4, 2)
+    p = 0.4
+    dtype = torch.float64 if backends.backend(backend).supports(torch.float64) else torch.float32
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    mask = mk.dropout.unpack(seeded_mask(params["x"].to(DEVICE), p), 40).cpu()
+    dropped = run_layer(layout, 2, True, params, dtype, backend, dropout=p)
+    split = run_layer(layout, 2, True, params | {"x_adapter": params["x"] * mask / (1 - p)},
+                      dtype, backend)
+    assert 0.2 < 1 - mask.double().mean() < 0.6  # about p of the elements dropped
+    for name in ("y", "weight", "bias", *ADAPTERS):
+        torch.testing.assert_close(dropped[name], split[name], **tol)
+    torch.testing.assert_close(dropped["x"], split["x"] + mask.to(DEVICE, dtype)
+                               * split["x_adapter"] / (1 - p), **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -94,18 +128,22 @@ def test_long_layout_crosses_row_blocks(backend, gen):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS
                                      if backends.backend(b).supports(torch.float64)])
-@pytest.mark.parametrize("separate", [False, True])
-def test_gradcheck_float64(backend, separate, gen):
+@pytest.mark.parametrize("adapter_input", ["x", "x_adapter", "dropout"])
+def test_gradcheck_float64(backend, adapter_input, gen):
     layout = special_layouts()[3]
     plan = mk.RoutingPlan.from_spans(layout.route_tensor(), layout.spans(),
                                      kernel_size=2).to(DEVICE)
+    separate = adapter_input == "x_adapter"
     p = make_params(gen, layout.n, 5, 4, 2, 3, 2, x_adapter=separate)
     names = PARAMS + (("x_adapter",) if separate else ())
     inputs = tuple(p[n].to(DEVICE).requires_grad_() for n in names)
 
     def layer(x, weight, bias, *rest):
-        return mk.moss_linear(x, weight, bias, plan, *rest[:4], 0.5, 2.0, backend=backend,
-                              x_adapter=rest[4] if separate else None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same dropout mask in every evaluation
+            return mk.moss_linear(x, weight, bias, plan, *rest[:4], 0.5, 2.0, backend=backend,
+                                  x_adapter=rest[4] if separate else None,
+                                  adapter_dropout=0.5 if adapter_input == "dropout" else 0.0)
 
     assert torch.autograd.gradcheck(layer, inputs)
 

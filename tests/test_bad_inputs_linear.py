@@ -16,7 +16,6 @@ error, errors, behaviour = catalogue.error, catalogue.errors, catalogue.behaviou
 
 
 LINEAR = "moss_linear"
-DROPOUT = "lora_dropout"
 
 
 def linear_inputs(seed=0):
@@ -112,13 +111,13 @@ error(LINEAR, "`backend` not a backend name", ValueError,
       "backend='fast': expected one of reference, cpu, cuda, triton, cuda-emulated",
       lambda: linear("fast"))
 
-error(DROPOUT, "`x` not a floating-point tensor", TypeError,
-      "x: expected a floating-point torch.Tensor, got",
-      lambda: mk.lora_dropout([1.0], 0.1), lambda: mk.lora_dropout(torch.ones(3, dtype=int), 0.1))
-errors(DROPOUT, "`p` not a probability in [0, 1) (1, negative, NaN, a bool, a str)", ValueError,
-       "p: expected a probability in [0, 1), got {p}",
-       [(dict(p=repr(p)), lambda p=p: mk.lora_dropout(torch.ones(3), p))
+errors(LINEAR, "`adapter_dropout` not a probability in [0, 1) (1, negative, NaN, a bool, a str)",
+       ValueError, "adapter_dropout: expected a probability in [0, 1), got {p}",
+       [(dict(p=repr(p)), lambda p=p: linear(adapter_dropout=p))
         for p in (1.0, -0.1, NAN, True, "0.1")])
+error(LINEAR, "`adapter_dropout` with an `x_adapter`", ValueError,
+      "adapter_dropout: the adapters read x through dropout, so x_adapter must be None",
+      lambda: linear(adapter_dropout=0.1, x_adapter=lambda a: a["x"].clone()))
 
 
 @behaviour(LINEAR, "`MOSS_KERNELS_BACKEND` not a backend name",

@@ -6,7 +6,8 @@ dz, A_all for dx), all without a copy; the plan's ``route`` and ``nbr_t`` (to ma
 dz into dP); and one new tensor, z ``[N, R_t + R_i]`` in the accumulation dtype (fp32 for half
 inputs: dB = dy^T z), R / D_in the size of x. Not the tap products P ``[N, R_t + K^2 R_i]``
 (the backward needs dP, which is gathered from dz, not P), not ``nbr``, the bias or y. With an
-``x_adapter`` (dropout(x)) it keeps that instead of x, and x only if dW needs it.
+``x_adapter`` it keeps that instead of x, and x only if dW needs it; with LoRA dropout
+(``adapter_dropout``) x and the mask, packed in bits (1/32 of an fp32 x).
 
 The peak is measured with :func:`moss_kernels.memory.cpu_peak_bytes` (the profiler's allocator
 events), the same function ``moss bench`` reports on CPUs.
@@ -51,16 +52,17 @@ def _leaves(dtype):
     return {n: v.to(dtype).requires_grad_(n != "weight") for n, v in p.items()}
 
 
-def _forward(leaves, backend):
+def _forward(leaves, backend, dropout=0.0):
     return mk.moss_linear(*(leaves[n] for n in PARAMS[:3]), PLAN, *(leaves[n] for n in ADAPTERS),
-                          1.5, 0.5, backend=backend, x_adapter=leaves.get("x_adapter"))
+                          1.5, 0.5, backend=backend, x_adapter=leaves.get("x_adapter"),
+                          adapter_dropout=dropout)
 
 
-def _saved(backend, dtype, leaves=None):
+def _saved(backend, dtype, leaves=None, dropout=0.0):
     """The tensors autograd keeps for the backward, and the leaves they came from."""
     leaves, saved = leaves or _leaves(dtype), []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _forward(leaves, backend)
+        _forward(leaves, backend, dropout)
     return saved, leaves
 
 
@@ -92,6 +94,17 @@ def test_with_an_adapter_input_x_is_kept_only_for_dw(backend, frozen):
     kept = _storages(saved)
     assert leaves["x_adapter"].untyped_storage().data_ptr() in kept
     assert (leaves["x"].untyped_storage().data_ptr() in kept) == (not frozen)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_with_dropout_only_the_packed_mask_is_kept_beside_x(backend):
+    """adapter_dropout keeps what the layer without it keeps, plus the mask in bits: nothing of
+    x's size (no dropped-out copy of x)."""
+    saved, leaves = _saved(backend, torch.float32, dropout=0.3)
+    plain, _ = _saved(backend, torch.float32, leaves)
+    extra = sum(_storages(saved).values()) - sum(_storages(plain).values())
+    assert extra == LAYOUT.n * 8  # one 64-bit word a row for D_IN = 24
+    assert leaves["x"].untyped_storage().data_ptr() in _storages(saved)
 
 
 @pytest.fixture

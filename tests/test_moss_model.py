@@ -217,7 +217,8 @@ def test_dropout_is_the_adapters_reading_dropout_x_in_one_call(backend):
         adapters = [t.detach().clone().requires_grad_() for t in (
             layer.text_A, layer.text_B, layer.image_A, layer.image_B)]
         torch.manual_seed(7)
-        x_adapter = mk.lora_dropout(leaf, p, training)  # its mask: tests/test_dropout.py
+        keep = mk.dropout.unpack(mk.dropout.dropout_mask(x, p), 12) if training else True
+        x_adapter = leaf * keep / (1 - p if training else 1)  # the mask: tests/test_dropout.py
         base = layer.base(leaf)
         y = base + conv2d_formulation(x_adapter, torch.zeros_like(layer.base.weight), None,
                                       layout, *adapters, layer.text_scale, layer.image_scale,

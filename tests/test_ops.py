@@ -77,6 +77,28 @@ def test_opcheck_backward(gen, backend, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck_with_a_dropout_mask(gen, backend, layout):
+    """The ops with LoRA dropout's packed mask, forward and backward (the ``cpu`` backend reads
+    it in its kernels, the others get the masked input materialised)."""
+    _, plan, p = _setup(gen)
+    if layout == "transposed":
+        p["x"], p["weight"] = _transposed(p["x"]), _transposed(p["weight"])
+    mask = mk.dropout.dropout_mask(p["x"], 0.3)
+    args = _fwd_args(p, plan, backend) + (mask, 1 / 0.7)
+    torch.library.opcheck(linear_fwd, args)
+    _, z = linear_fwd(*args)
+    dy = torch.randn(p["x"].shape[0], p["weight"].shape[0], generator=gen).to(DEVICE)
+    for need in [(True, True, True, False), (True, False, False, False),
+                 (False, False, False, False)]:
+        torch.library.opcheck(linear_bwd, (
+            dy, p["x"], p["weight"], None, p["text_A"], p["text_B"], p["image_A"], p["image_B"],
+            z, plan.route, plan.nbr_t, 0.5, 2.0, *need, backend, mask, 1 / 0.7))
+    with pytest.raises(ValueError, match="dropout_mask: the adapters read x through it"):
+        linear_fwd(*_fwd_args(p, plan, backend, separate=True), mask, 1 / 0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_refuses_missing_inputs(gen, backend):
     """The backward op needs x for dW, and for the adapters' gradients without an x_adapter;
     a dx_adapter needs an x_adapter."""
@@ -109,6 +131,11 @@ def test_extension_ops_check_the_adapter_input(gen, backend):
     with pytest.raises(RuntimeError, match="need_dx_adapter: true, but x_adapter is None"):
         record.backward(replace(inputs, x_adapter=None), dy, z,
                         backends.Needs(True, False, False, True))
+    if record.fuses_dropout:  # the kernels read the mask: its format is checked there too
+        bits = mk.dropout.dropout_mask(p["x"], 0.5)
+        for bad in (bits[:, :-8], bits.view(torch.int8), bits[:-1]):
+            with pytest.raises(RuntimeError, match=r"dropout_mask: expected a contiguous uint8"):
+                record.forward(replace(inputs, x_adapter=None, dropout_mask=bad))
 
 
 def test_backward_accepts_an_expanded_gradient(gen):

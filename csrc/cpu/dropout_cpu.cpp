@@ -1,27 +1,25 @@
-// moss::_ext_dropout on CPU: LoRA dropout from a counter-based hash, in one pass.
+// moss::_ext_dropout_mask on CPU: LoRA dropout's keep mask from a counter-based hash.
 //
-//   y[i] = keep(seed, i) ? x[i] / (1 - p) : 0,   keep(seed, i) = hash(seed, i) >= p * 2^32
+//   keep[t, c] = hash(seed, i) >= p * 2^32,   i = t * D + c      (x [N, D]: only its shape is read)
 //
-// i is the element's index in x's contiguous layout. The mask is a pure function of (seed, i),
-// so nothing is stored: the backward is the same call on dy with the same seed (dropout is a
-// diagonal linear map, its own adjoint), and a recomputation under gradient checkpointing,
-// which replays the RNG state the seed was drawn from, rebuilds the same mask.
-// Why not F.dropout: on CPU its bernoulli_ costs ~5 ns an element, and the mask it keeps
-// costs a multiply and a pass of its own, forward and backward; at d 512 that was a third of a
-// MOSS training step (bench/results/README.md, #15). This hash costs about a cycle an element
-// in 16-lane integer vectors, and the whole op is one read and one write.
+// packed in bits as moss_kernels/dropout.py describes (bit c % 8 of byte c / 8 of row t; rows of
+// 8 * ceil(D / 64) bytes, the bits past D zero). The mask is a pure function of (seed, i):
+// a recomputation under gradient checkpointing, which replays the RNG state the seed was drawn
+// from, rebuilds the same mask. The CPU backend of moss_linear reads it where its kernels read
+// the adapters' input (docs/design.md section 3), so dropout costs no pass over x of its own.
+// Why not bernoulli_: on CPU it costs ~5 ns an element; this hash about one cycle.
 // The hash (moss_kernels/dropout.py holds the same in torch ops, which the tests compare):
 //   key = fmix32(seed_lo ^ fmix32(seed_hi + 0x9E3779B9 * (i_hi + 1)))
 //   hash = fmix32(fmix32(i_lo ^ key) + key)
 // fmix32 is MurmurHash3's finaliser, a bijection of 32-bit words with full avalanche; two
 // rounds keyed by the seed keep consecutive indices' masks independent.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "simd.h"
 
@@ -43,65 +41,63 @@ uint32_t block_key(uint64_t seed, uint32_t i_hi) {
                 fmix32(static_cast<uint32_t>(seed >> 32) + 0x9E3779B9u * (i_hi + 1u)));
 }
 
-// Elements [begin, end) of one 2^32-element block (the same i_hi, hence the same key).
-template <typename S>
-MOSS_INLINE void dropout_rows(const S* x, S* y, int64_t begin, int64_t end, uint32_t key,
-                              uint32_t threshold, float scale_f, double scale_d) {
-  using A = at::opmath_type<S>;
-  const A scale = std::is_same<A, double>::value ? A(scale_d) : A(scale_f);
-  const uint32_t lo0 = static_cast<uint32_t>(begin);
-  const int64_t n = end - begin;
-  x += begin;
-  y += begin;
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ key) + key);
-    y[j] = static_cast<S>(h >= threshold ? static_cast<A>(x[j]) * scale : A(0));
+// Rows [begin, end) of the mask of an [N, d] input, 64 columns (one uint64 word of `keep`,
+// ldk bytes a row) at a time: the 64 hashes in a loop the compiler vectorises, then packed.
+MOSS_INLINE void mask_rows(uint8_t* keep, int64_t ldk, int64_t d, uint64_t seed,
+                           uint32_t threshold, int64_t begin, int64_t end) {
+  uint32_t kept[64];
+  for (int64_t t = begin; t < end; ++t) {
+    for (int64_t c0 = 0; c0 < d; c0 += 64) {
+      const int64_t n = std::min<int64_t>(64, d - c0);
+      const uint64_t i0 = static_cast<uint64_t>(t * d + c0);
+      const uint32_t hi = static_cast<uint32_t>(i0 >> 32), lo = static_cast<uint32_t>(i0);
+      if (((i0 + n - 1) >> 32) == hi) {  // one key for the word: always, below 2^32 elements
+        const uint32_t key = block_key(seed, hi);
+        for (int64_t j = 0; j < 64; ++j) {
+          kept[j] = fmix32(fmix32((lo + static_cast<uint32_t>(j)) ^ key) + key) >= threshold;
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const uint64_t i = i0 + j;
+          const uint32_t key = block_key(seed, static_cast<uint32_t>(i >> 32));
+          kept[j] = fmix32(fmix32(static_cast<uint32_t>(i) ^ key) + key) >= threshold;
+        }
+      }
+      uint64_t word = 0;
+      for (int64_t j = 0; j < n; ++j) word |= static_cast<uint64_t>(kept[j]) << j;
+      std::memcpy(keep + t * ldk + c0 / 8, &word, sizeof word);
+    }
   }
 }
 
-#define MOSS_DROPOUT_CLONE(S)                                                                 \
-  MOSS_CPU_CLONES void dropout_range(const S* x, S* y, int64_t b, int64_t e, uint32_t key,    \
-                                     uint32_t thr, float sf, double sd) {                     \
-    dropout_rows<S>(x, y, b, e, key, thr, sf, sd);                                            \
-  }
-MOSS_DROPOUT_CLONE(float)
-MOSS_DROPOUT_CLONE(double)
-MOSS_DROPOUT_CLONE(c10::BFloat16)
-#undef MOSS_DROPOUT_CLONE
+MOSS_CPU_CLONES void mask_range(uint8_t* keep, int64_t ldk, int64_t d, uint64_t seed,
+                                uint32_t thr, int64_t b, int64_t e) {
+  mask_rows(keep, ldk, d, seed, thr, b, e);
+}
 
-at::Tensor dropout_cpu(const at::Tensor& x_in, const at::Tensor& seed, double p) {
+at::Tensor dropout_mask_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "p: expected a probability in [0, 1), got ", p);
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
               "seed: expected one int64 value on the CPU, got ", seed.scalar_type(), " of shape ",
               seed.sizes(), " on ", seed.device());
-  const auto t = x_in.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
-              "x: the cpu dropout supports float32, float64 and bfloat16, got ", t);
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  TORCH_CHECK(x.dim() == 2, "x: expected [N, D], got ", x.sizes());
+  const int64_t n = x.size(0), d = x.size(1), ldk = (d + 63) / 64 * 8;
+  at::Tensor keep = at::empty({n, ldk}, x.options().dtype(at::kByte));
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
   // keep when hash >= p * 2^32: a keep probability of 1 - p to within 2^-32.
   const uint32_t threshold =
       static_cast<uint32_t>(std::min<long long>(std::llround(std::ldexp(p, 32)), 0xFFFFFFFFLL));
-  const double scale = 1.0 / (1.0 - p);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, t, "moss_dropout_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, x.numel(), 1 << 15, [&](int64_t b, int64_t e) {
-      while (b < e) {  // split where the index's upper word (and so the key) changes
-        const int64_t block_end = std::min(e, ((b >> 32) + 1) << 32);
-        dropout_range(xp, yp, b, block_end, block_key(s, static_cast<uint32_t>(b >> 32)),
-                      threshold, static_cast<float>(scale), scale);
-        b = block_end;
-      }
-    });
+  uint8_t* kp = keep.data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(d, 1));
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+    mask_range(kp, ldk, d, s, threshold, b, e);
   });
-  return y;
+  return keep;
 }
 
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(moss, CPU, m) { m.impl("_ext_dropout", &cpu::dropout_cpu); }
+TORCH_LIBRARY_IMPL(moss, CPU, m) { m.impl("_ext_dropout_mask", &cpu::dropout_mask_cpu); }
 
 }  // namespace moss

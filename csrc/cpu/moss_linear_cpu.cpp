@@ -1,6 +1,7 @@
 // CPU kernels of moss::_ext_linear_fwd / _ext_linear_bwd and their registration.
 //
-// u is what the adapters read: x_adapter when given (dropout(x)), else x.
+// u is what the adapters read: x_adapter when given, x * keep * scale with a dropout mask
+// (LoRA dropout, read where the kernels read u: never written out), else x.
 // Forward (P, dz, dP live in the accumulation type A, padded per route to whole vectors):
 //   P  = project(u; A_text^T | A_taps^T)     tap products, each token only its route's columns
 //   z  = route_forward(P)                     text: copy; image: sum of K*K taps over `nbr`
@@ -83,6 +84,10 @@ MOSS_INLINE void route_backward_rows(const A* dz, int64_t ldz, int64_t dz_img,
   }                                                                                             \
   MOSS_CPU_CLONES void outer(const OuterArgs<S, A>& a, int r, int64_t o0) {                    \
     outer_task<S, A>(a, r, o0);                                                                 \
+  }                                                                                             \
+  MOSS_CPU_CLONES void kept(const S* x, int64_t ldx, int64_t d, const int8_t* route,            \
+                            const Dropout<A>& drop, S* out, int64_t b, int64_t e) {             \
+    kept_rows<S, A>(x, ldx, d, route, drop, out, b, e);                                         \
   }
 MOSS_CPU_KERNELS(float, float)
 MOSS_CPU_KERNELS(double, double)
@@ -158,32 +163,58 @@ std::vector<int64_t> rows_of(const at::Tensor& route, int8_t r) {
   return rows;
 }
 
-template <typename S, typename A>
-void run_expand(at::Tensor& y, const at::Tensor& route, const at::Tensor& z, Seg<A> text,
-                Seg<A> image, bool store = false) {
-  ExpandArgs<S, A> a{y.data_ptr<S>(), y.stride(0), y.size(1), route.data_ptr<int8_t>(),
-                     z.data_ptr<A>(), z.stride(0), {text, image}, store};
-  at::parallel_for(0, y.size(0), kGrain, [&](int64_t b, int64_t e) { expand(a, b, e); });
+// The dropout a kernel applies to the input it reads: none without a mask.
+template <typename A>
+Dropout<A> dropout_of(const c10::optional<at::Tensor>& keep, double scale) {
+  return keep.has_value() ? Dropout<A>{keep->data_ptr<uint8_t>(), keep->size(1), A(scale)}
+                          : Dropout<A>{};
 }
 
 template <typename S, typename A>
+void run_expand(at::Tensor& y, const at::Tensor& route, const at::Tensor& z, Seg<A> text,
+                Seg<A> image, bool store = false, Dropout<A> drop = {}) {
+  ExpandArgs<S, A> a{y.data_ptr<S>(), y.stride(0), y.size(1), route.data_ptr<int8_t>(),
+                     z.data_ptr<A>(), z.stride(0), {text, image}, store, drop};
+  at::parallel_for(0, y.size(0), kGrain, [&](int64_t b, int64_t e) { expand(a, b, e); });
+}
+
+// With dropout, each task projects blocks of kGrain rows that it first copies out of x through
+// the mask (kept_rows): the block stays in cache, so dropout adds no pass over memory.
+template <typename S, typename A>
 void run_project(const at::Tensor& x, const at::Tensor& route, Seg<A> text, Seg<A> image,
-                 at::Tensor& out) {
-  ProjectArgs<S, A> a{x.data_ptr<S>(), x.stride(0), x.size(1), route.data_ptr<int8_t>(),
-                      {text, image}, out.data_ptr<A>(), out.stride(0)};
-  at::parallel_for(0, x.size(0), kGrain, [&](int64_t b, int64_t e) { project(a, b, e); });
+                 at::Tensor& out, Dropout<A> drop = {}) {
+  const ProjectArgs<S, A> a{x.data_ptr<S>(), x.stride(0), x.size(1), route.data_ptr<int8_t>(),
+                            {text, image}, out.data_ptr<A>(), out.stride(0)};
+  if (drop.keep == nullptr) {
+    at::parallel_for(0, x.size(0), kGrain, [&](int64_t b, int64_t e) { project(a, b, e); });
+    return;
+  }
+  const int64_t d = x.size(1);
+  at::parallel_for(0, x.size(0), kGrain, [&](int64_t b, int64_t e) {
+    std::vector<S> block(static_cast<size_t>(std::min(kGrain, e - b) * d));
+    for (int64_t t = b; t < e; t += kGrain) {
+      const int64_t u = std::min(e, t + kGrain);
+      kept(a.x, a.ldx, d, a.route, drop, block.data(), t, u);
+      ProjectArgs<S, A> local = a;
+      local.x = block.data();
+      local.ldx = d;
+      local.row0 = t;
+      project(local, t, u);
+    }
+  });
 }
 
 // g_r[j, :] = sum over route r's rows t of z[t, off_r + j] x[t, :] (g_r: [width_r, row_stride(D)]).
 template <typename S, typename A>
 void run_outer(const at::Tensor& x, const at::Tensor& z, const std::vector<int64_t> (&rows)[2],
-               const int64_t (&width)[2], const int64_t (&off)[2], at::Tensor (&g)[2]) {
+               const int64_t (&width)[2], const int64_t (&off)[2], at::Tensor (&g)[2],
+               Dropout<A> drop = {}) {
   const int64_t d = x.size(1), chunk = 4 * lanes(acc_type(x.scalar_type()));
   OuterArgs<S, A> a{x.data_ptr<S>(), x.stride(0), d, z.data_ptr<A>(), z.stride(0),
                     {rows[0].data(), rows[1].data()},
                     {int64_t(rows[0].size()), int64_t(rows[1].size())},
                     {width[0], width[1]}, {off[0], off[1]},
-                    {g[0].data_ptr<A>(), g[1].data_ptr<A>()}, g[0].size(1)};
+                    {g[0].data_ptr<A>(), g[1].data_ptr<A>()}, g[0].size(1), drop};
   // Tasks interleave the routes (text chunk 0, image chunk 0, text chunk 1, ...) so that the
   // contiguous ranges parallel_for hands each thread carry both routes' work in proportion.
   const int64_t chunks = (d + chunk - 1) / chunk;
@@ -204,9 +235,10 @@ void check_cpu_dtype(const at::Tensor& x) {
 template <typename S>
 std::tuple<at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& x_adapter, const at::Tensor& text_A,
-    const at::Tensor& text_B, const at::Tensor& image_A, const at::Tensor& image_B,
-    const at::Tensor& route, const at::Tensor& nbr, double text_scale, double image_scale) {
+    const c10::optional<at::Tensor>& x_adapter, const c10::optional<at::Tensor>& keep,
+    double dropout_scale, const at::Tensor& text_A, const at::Tensor& text_B,
+    const at::Tensor& image_A, const at::Tensor& image_B, const at::Tensor& route,
+    const at::Tensor& nbr, double text_scale, double image_scale) {
   using A = at::opmath_type<S>;
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = unit_stride(x_in);
@@ -219,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
   const at::Tensor w_text = pack_t(text_A, acc), w_img = pack_t(taps(image_A), acc);
   at::Tensor p = at::empty({n, w_text.size(1) + w_img.size(1)}, x.options().dtype(acc));
   run_project<S, A>(u, route, seg<A>(w_text, r_t, 0), seg<A>(w_img, kk * r_i, w_text.size(1)),
-                    p);
+                    p, dropout_of<A>(keep, dropout_scale));
 
   at::Tensor z = at::empty({n, r_t + r_i}, x.options().dtype(acc));
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
@@ -241,10 +273,12 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                          at::Tensor, at::Tensor>;
 
-// u: the adapters' input (x_adapter, or x); x: for dW only (undefined when not asked for).
+// u: the adapters' input (x_adapter, or x, read through `drop`'s mask when it has one); x: for
+// dW only (undefined when not asked for).
 template <typename S>
 Grads backward_impl(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& u_in,
-                    bool separate, const at::Tensor& weight, const at::Tensor& text_A,
+                    bool separate, Dropout<at::opmath_type<S>> drop, const at::Tensor& weight,
+                    const at::Tensor& text_A,
                     const at::Tensor& text_B, const at::Tensor& image_A, const at::Tensor& image_B,
                     const at::Tensor& z, const at::Tensor& route, const at::Tensor& nbr_t,
                     double text_scale, double image_scale, bool need_dx, bool need_dweight,
@@ -284,12 +318,13 @@ Grads backward_impl(const at::Tensor& dy_in, const at::Tensor& x, const at::Tens
   run_outer<S, A>(dy, z, rows, {r_t, r_i}, {0, r_t}, g_b);
   at::Tensor g_a[2] = {at::zeros({r_t, a_text.size(1)}, dy.options().dtype(acc)),
                        at::zeros({a_img.size(0), a_text.size(1)}, dy.options().dtype(acc))};
-  run_outer<S, A>(u, dp, rows, {r_t, a_img.size(0)}, {0, dp_img}, g_a);
+  run_outer<S, A>(u, dp, rows, {r_t, a_img.size(0)}, {0, dp_img}, g_a, drop);
 
-  // The adapters' input gradient dP A_all: onto dx when they read x, else dx_adapter's own.
+  // The adapters' input gradient dP A_all: onto dx when they read x (through the dropout mask,
+  // if any), else dx_adapter's own.
   const auto expand_dp = [&](at::Tensor& out, bool store) {
     run_expand<S, A>(out, route, dp, seg<A>(a_text, r_t, 0),
-                     seg<A>(a_img, a_img.size(0), dp_img), store);
+                     seg<A>(a_img, a_img.size(0), dp_img), store, store ? Dropout<A>{} : drop);
   };
   if (need_dx) {
     at::mm_out(dx, dy, weight);
@@ -316,30 +351,37 @@ Grads backward_impl(const at::Tensor& dy_in, const at::Tensor& x, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& x_adapter, const at::Tensor& text_A,
-    const at::Tensor& text_B, const at::Tensor& image_A, const at::Tensor& image_B,
-    const at::Tensor& route, const at::Tensor& nbr, double text_scale, double image_scale) {
+    const c10::optional<at::Tensor>& x_adapter, const c10::optional<at::Tensor>& dropout_mask,
+    double dropout_scale, const at::Tensor& text_A, const at::Tensor& text_B,
+    const at::Tensor& image_A, const at::Tensor& image_B, const at::Tensor& route,
+    const at::Tensor& nbr, double text_scale, double image_scale) {
   check_forward_args(x, weight, bias, text_A, text_B, image_A, image_B, route, nbr);
   check_adapter_input(x, x_adapter);
+  check_dropout_mask(x, x_adapter, dropout_mask);
   check_cpu_dtype(x);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moss_forward_cpu", [&] {
-    return forward_impl<scalar_t>(x, weight, bias, x_adapter, text_A, text_B, image_A, image_B,
-                                  route, nbr, text_scale, image_scale);
+    return forward_impl<scalar_t>(x, weight, bias, x_adapter, dropout_mask, dropout_scale,
+                                  text_A, text_B, image_A, image_B, route, nbr, text_scale,
+                                  image_scale);
   });
 }
 
 Grads backward_cpu(const at::Tensor& dy, const c10::optional<at::Tensor>& x,
                    const at::Tensor& weight, const c10::optional<at::Tensor>& x_adapter,
+                   const c10::optional<at::Tensor>& dropout_mask, double dropout_scale,
                    const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
                    const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
                    const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
                    bool need_dweight, bool need_dbias, bool need_dx_adapter) {
   const at::Tensor& u = backward_adapter_input(x, x_adapter, need_dweight, need_dx_adapter);
   check_forward_args(u, weight, c10::nullopt, text_A, text_B, image_A, image_B, route, nbr_t);
+  check_dropout_mask(u, x_adapter, dropout_mask);
   check_cpu_dtype(u);
   const at::Tensor x_or_none = x.has_value() ? *x : at::Tensor();
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, u.scalar_type(), "moss_backward_cpu", [&] {
-    return backward_impl<scalar_t>(dy, x_or_none, u, x_adapter.has_value(), weight, text_A,
+    using A = at::opmath_type<scalar_t>;
+    return backward_impl<scalar_t>(dy, x_or_none, u, x_adapter.has_value(),
+                                   dropout_of<A>(dropout_mask, dropout_scale), weight, text_A,
                                    text_B, image_A, image_B, z, route, nbr_t, text_scale,
                                    image_scale, need_dx, need_dweight, need_dbias,
                                    need_dx_adapter);

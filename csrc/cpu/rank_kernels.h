@@ -34,14 +34,25 @@ struct Seg {
   int64_t off = 0;       // where they start in a row of the rank-space matrix
 };
 
+// LoRA dropout on the adapters' input, read where a kernel reads that input: x[t, c] * scale
+// where bit c of row t of `keep` is set (bits packed as simd::kept reads them, ld bytes a row),
+// else 0. keep == nullptr: no dropout.
+template <typename A>
+struct Dropout {
+  const uint8_t* keep = nullptr;
+  int64_t ld = 0;
+  A scale = 1;
+};
+
 template <typename S, typename A>
 struct ProjectArgs {
-  const S* x;
+  const S* x;  // row t at x + (t - row0) * ldx: row0 > 0 for a block copied out of x
   int64_t ldx, d;
   const int8_t* route;
   Seg<A> seg[2];
   A* out;  // [N, ldo]; a route's row gets round_up(width) columns from off (padding included)
   int64_t ldo;
+  int64_t row0 = 0;
 };
 
 template <typename S, typename A>
@@ -55,6 +66,8 @@ struct ExpandArgs {
   // false: y += z W (the forward's y, the backward's dx); true: y = z W, and rows no adapter
   // reads (padding) are zeroed: a fresh output needs no zero fill first.
   bool store = false;
+  // y += keep * scale * (z W) (the backward's dx through LoRA dropout; not with store).
+  Dropout<A> drop = {};
 };
 
 template <typename S, typename A>
@@ -68,6 +81,7 @@ struct OuterArgs {
   int64_t width[2], off[2];
   A* g[2];  // [width, ldg], accumulated into
   int64_t ldg;
+  Dropout<A> drop = {};  // x as the adapters read it
 };
 
 // The end of the run of tokens with route[t]'s route that starts at t (at most `end`). Kernels
@@ -89,7 +103,9 @@ MOSS_INLINE void project_tiles(const ProjectArgs<S, A>& a, const Seg<A>& s, int6
     const int64_t m = std::min<int64_t>(MR, u - t0);
     const S* xr[MR];
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) xr[i] = a.x + (t0 + std::min<int64_t>(i, m - 1)) * a.ldx;
+    for (int i = 0; i < MR; ++i) {
+      xr[i] = a.x + (t0 + std::min<int64_t>(i, m - 1) - a.row0) * a.ldx;
+    }
     Vec<A> acc[MR][NV] = {};
     const A* w = s.w + c0;
     for (int64_t k = 0; k < a.d; ++k, w += s.ld) {
@@ -129,6 +145,25 @@ MOSS_INLINE void project_rows(const ProjectArgs<S, A>& a, int64_t begin, int64_t
   }
 }
 
+// The rows [begin, end) of x that an adapter reads (route >= 0), through LoRA dropout, into
+// out[t - begin] (row stride d): project then reads this block, still in cache, instead of x.
+// One pass that reads x once, as project does; the dropped-out x is never written to memory.
+template <typename S, typename A>
+MOSS_INLINE void kept_rows(const S* x, int64_t ldx, int64_t d, const int8_t* route,
+                           const Dropout<A>& drop, S* out, int64_t begin, int64_t end) {
+  constexpr int64_t L = kLanes<A>;
+  for (int64_t t = begin; t < end; ++t) {
+    if (route[t] < 0) continue;
+    const S* xt = x + t * ldx;
+    const uint8_t* kt = drop.keep + t * drop.ld;
+    S* o = out + (t - begin) * d;
+    for (int64_t c = 0; c < d; c += L) {
+      const int64_t n = std::min(L, d - c);
+      simd::store<A>(o + c, simd::load_kept<A>(xt, kt, c, drop.scale, n), n);
+    }
+  }
+}
+
 // ---- expand ---------------------------------------------------------------------------------
 
 // TAIL: the chunk's last vector is partial (only at the end of a row whose length is not a
@@ -152,12 +187,13 @@ MOSS_INLINE void expand_tiles(const ExpandArgs<S, A>& a, const Seg<A>& s, int64_
       yr[i] = a.y + ti * a.ldy + o0;
       zr[i] = a.z + ti * a.ldz + s.off;
     }
+    const bool fresh = a.store || a.drop.keep != nullptr;  // accumulate z W alone
     Vec<A> acc[MR][NV];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        acc[i][v] = a.store ? Vec<A>{} : simd::load<A>(yr[i] + v * L, v == NV - 1 ? tail : L);
+        acc[i][v] = fresh ? Vec<A>{} : simd::load<A>(yr[i] + v * L, v == NV - 1 ? tail : L);
       }
     }
     const A* w = s.w + o0;
@@ -171,6 +207,17 @@ MOSS_INLINE void expand_tiles(const ExpandArgs<S, A>& a, const Seg<A>& s, int64_
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[i][v] += zi * wv[v];
       }
+    }
+    if (a.drop.keep != nullptr) {
+      for (int i = 0; i < m; ++i) {
+        const uint8_t* kr = a.drop.keep + (t0 + i) * a.drop.ld;
+        for (int v = 0; v < NV; ++v) {
+          const int64_t n = v == NV - 1 ? tail : L;
+          const Vec<A> dy = simd::kept<A>(acc[i][v] * a.drop.scale, kr, o0 + v * L);
+          simd::store<A>(yr[i] + v * L, simd::load<A>(yr[i] + v * L, n) + dy, n);
+        }
+      }
+      continue;
     }
     for (int i = 0; i < m; ++i) {
       for (int v = 0; v < NV; ++v) simd::store<A>(yr[i] + v * L, acc[i][v], v == NV - 1 ? tail : L);
@@ -227,6 +274,16 @@ MOSS_INLINE void outer_tiles(const OuterArgs<S, A>& a, int r, int64_t o0) {
     const int64_t nb = std::min(a.nrows[r] - b0, kOuterRows);
     for (int64_t b = 0; b < nb; ++b) {
       const S* xt = a.x + rows[b0 + b] * a.ldx + o0;
+      if (a.drop.keep != nullptr) {
+        const uint8_t* kt = a.drop.keep + rows[b0 + b] * a.drop.ld;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          const int64_t n = v == NV - 1 ? tail : L;
+          simd::store<A>(xs[b] + v * L,
+                         simd::load_kept<A>(xt - o0, kt, o0 + v * L, a.drop.scale, n));
+        }
+        continue;
+      }
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
         simd::store<A>(xs[b] + v * L, simd::load<A>(xt + v * L, v == NV - 1 ? tail : L));

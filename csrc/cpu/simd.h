@@ -75,5 +75,48 @@ MOSS_INLINE void store(S* p, const Vec<A>& v, int64_t n = kLanes<A>) {
   }
 }
 
+// A dropout mask packed in bits: bit c % 8 of byte c / 8 keeps element c of a row (the
+// format of moss_kernels/dropout.py; bits past the row's end are 0). keep_bits(bits, c) is lanes
+// c .. c + kLanes<A> - 1 of the row as a vector condition, for c a multiple of kLanes<A>:
+// two bytes broadcast, one AND, one compare (GCC turns a byte -> lane conversion into a
+// scalar loop; this it vectorises).
+template <typename A>
+struct KeepLanes;
+template <>
+struct KeepLanes<float> {
+  typedef int32_t type __attribute__((vector_size(64)));
+  static constexpr type bit = {1 << 0, 1 << 1, 1 << 2,  1 << 3,  1 << 4,  1 << 5,  1 << 6,  1 << 7,
+                               1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15};
+};
+template <>
+struct KeepLanes<double> {
+  typedef int64_t type __attribute__((vector_size(64)));
+  static constexpr type bit = {1, 2, 4, 8, 16, 32, 64, 128};
+};
+
+template <typename A>
+MOSS_INLINE Vec<A> kept(const Vec<A>& v, const uint8_t* bits, int64_t c) {
+  using K = KeepLanes<A>;
+  uint16_t word = 0;
+  std::memcpy(&word, bits + c / 8, kLanes<A> / 8);
+  const typename K::type m = static_cast<typename K::type>(
+      (typename K::type{} + static_cast<int32_t>(word)) & K::bit);
+  return m != 0 ? v : Vec<A>{};
+}
+
+// A dropped-out input: x[c + i] * scale where its bit is set, else 0, for i < n, rounded to S
+// first as the materialised input would be (for float and double that changes nothing).
+template <typename A, typename S>
+MOSS_INLINE Vec<A> load_kept(const S* x, const uint8_t* bits, int64_t c, A scale,
+                             int64_t n = kLanes<A>) {
+  Vec<A> v = load<A>(x + c, n) * scale;
+  if (!std::is_same<A, S>::value) {
+    S rounded[kLanes<A>];
+    store<A>(rounded, v);
+    v = load<A>(rounded);
+  }
+  return kept<A>(v, bits, c);
+}
+
 }  // namespace simd
 }  // namespace moss

@@ -60,11 +60,43 @@ struct CudaDev {
   }
 };
 
+// The ops' schemas carry a dropout mask for the CPU kernels; moss_kernels hands the CUDA backend
+// the masked input as x_adapter instead (one elementwise pass, as F.dropout's), so none arrives.
+void no_mask(const c10::optional<at::Tensor>& dropout_mask) {
+  TORCH_CHECK(!dropout_mask.has_value(),
+              "dropout_mask: the cuda kernels take the masked input as x_adapter (moss_kernels "
+              "passes it so); got a mask");
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& x_adapter, const c10::optional<at::Tensor>& dropout_mask,
+    double, const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+    const at::Tensor& image_B, const at::Tensor& route, const at::Tensor& nbr, double text_scale,
+    double image_scale) {
+  no_mask(dropout_mask);
+  return composition::forward_op<CudaDev>(x, weight, bias, x_adapter, text_A, text_B, image_A,
+                                          image_B, route, nbr, text_scale, image_scale);
+}
+
+composition::Grads backward_cuda(
+    const at::Tensor& dy, const c10::optional<at::Tensor>& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& x_adapter, const c10::optional<at::Tensor>& dropout_mask,
+    double, const at::Tensor& text_A, const at::Tensor& text_B, const at::Tensor& image_A,
+    const at::Tensor& image_B, const at::Tensor& z, const at::Tensor& route,
+    const at::Tensor& nbr_t, double text_scale, double image_scale, bool need_dx,
+    bool need_dweight, bool need_dbias, bool need_dx_adapter) {
+  no_mask(dropout_mask);
+  return composition::backward_op<CudaDev>(dy, x, weight, x_adapter, text_A, text_B, image_A,
+                                           image_B, z, route, nbr_t, text_scale, image_scale,
+                                           need_dx, need_dweight, need_dbias, need_dx_adapter);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moss, CUDA, m) {
-  m.impl("_ext_linear_fwd", &composition::forward_op<CudaDev>);
-  m.impl("_ext_linear_bwd", &composition::backward_op<CudaDev>);
+  m.impl("_ext_linear_fwd", &forward_cuda);
+  m.impl("_ext_linear_bwd", &backward_cuda);
 }
 
 }  // namespace moss
