@@ -73,6 +73,12 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
   // LoRA dropout's keep mask from a counter-based hash of (seed, element index), x's shape:
   // csrc/cpu/dropout_cpu.cpp.
   m.def("_ext_dropout_mask(Tensor x, Tensor seed, float p) -> Tensor");
+  // One incremental decode step of a MOSS linear layer, updating its ring of tap products in
+  // place (csrc/cpu/decode_cpu.cpp; the math is moss_kernels/decode.py's reference).
+  m.def(
+      "_ext_decode(Tensor x, Tensor weight, Tensor? bias, Tensor a_all, Tensor b_cat, "
+      "Tensor(a!) ring, Tensor kind, Tensor pos, int width, int r_text, int kernel_size) "
+      "-> Tensor");
   // The `cuda-emulated` test backend (csrc/emulated/): the CUDA backend's source run on CPU
   // tensors, under ops of its own (the schemas above), and its launch settings.
   m.def(

@@ -10,13 +10,13 @@ incremental generation.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import moss_kernels as mk
+from moss_kernels.decode import moss_decode, pack, ring_size
 
 from .config import MossConfig
-from .router import Router, ring_size
+from .router import Router
 from .variants import kaiming_parameter
 
 
@@ -68,37 +68,48 @@ class MossLinear(nn.Module):
         router.rings[id(self)] = ring
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence: the base layer plus a plain LoRA for text tokens, and
-        for image tokens K*K rank-R reads from the ring of past tap products."""
+        """One new token per sequence, through moss_kernels' decode op: the base layer, the
+        text LoRA for text tokens, the ConvLoRA from this layer's ring of past tap products
+        for image tokens (the ring is allocated here if the prefill left none)."""
         router, step = self._router, self._router.step
         xs = x[:, -1]  # [B, D_in]
-        y = F.linear(xs, self.base.weight.to(x.dtype),
-                     None if self.base.bias is None else self.base.bias.to(x.dtype))
-        text = step.is_text if self.variant.has_image_adapter else step.is_text | step.is_image
-        lora = F.linear(F.linear(xs, self.text_A.to(x.dtype)), self.text_B.to(x.dtype))
-        y = y + self.text_scale * lora * text[:, None]
-        if self.variant.has_image_adapter and router.grid:
-            h, w = step.grid
-            k, r = self.window, self.image_B.shape[1]
-            batch = torch.arange(xs.shape[0], device=x.device)
+        images = self.variant.has_image_adapter and router.grid is not None
+        k = self.window if images else 1
+        # The weights packed once per generation (parameters do not change inside generate);
+        # with gradients on, packed every step so that they flow to the parameters.
+        grad = torch.is_grad_enabled()
+        packed = None if grad else router.packed.get(id(self))
+        if packed is None:
+            packed = self._pack(x.dtype, images)
+            if not grad:
+                router.packed[id(self)] = packed
+        if images:
             ring = router.rings.get(id(self))
             if ring is None:
-                ring = xs.new_zeros(xs.shape[0], ring_size(k, w), k * k * r)
+                ring = xs.new_zeros(xs.shape[0], ring_size(k, step.grid[1]),
+                                    packed[2].shape[0] - self.text_A.shape[0])
                 router.rings[id(self)] = ring
-            n_slots = ring.shape[1]
-            taps = xs @ self.variant.taps(self, x.dtype).t()  # [B, K*K*R_i]
-            slot = step.pos % n_slots
-            ring[batch, slot] = torch.where(step.is_image[:, None], taps, ring[batch, slot])
-            row, col = step.pos // w, step.pos % w
-            z = xs.new_zeros(xs.shape[0], r)
-            for p in range(k):  # causal: offsets -(K-1)..0 in rows and columns
-                for q in range(k):
-                    dr, dc, tap = p - (k - 1), q - (k - 1), p * k + q
-                    ok = step.is_image & (row + dr >= 0) & (col + dc >= 0)
-                    src = (step.pos + dr * w + dc) % n_slots
-                    z = z + torch.where(ok[:, None], ring[batch, src, tap * r:(tap + 1) * r], 0)
-            y = y + self.image_scale * F.linear(z, self.image_B.to(x.dtype))
+            kind = step.kind
+        else:  # no image adapter (image tokens take the text adapter) or no image layout
+            ring = xs.new_zeros(xs.shape[0], 0, 0)
+            kind = step.kind if self.variant.has_image_adapter else step.kind.clamp(max=0)
+        y = moss_decode(xs, *packed, ring, kind, step.pos, step.grid[1], self.text_A.shape[0], k,
+                        self.backend)
         return y[:, None]
+
+    def _pack(self, dtype: torch.dtype, images: bool) -> tuple:
+        """``(weight, bias, a_all, b_cat)`` in ``dtype``, as the decode op reads them
+        (moss_kernels.decode.pack)."""
+        bias = self.base.bias
+        frozen = (self.base.weight.to(dtype), None if bias is None else bias.to(dtype))
+        text = (self.text_A.to(dtype), self.text_B.to(dtype))
+        if images:
+            return *frozen, *pack(*text, self.variant.image_kernel(self).to(dtype),
+                                  self.image_B.to(dtype), self.text_scale, self.image_scale)
+        d_out, d_in = self.base.weight.shape
+        none = self.text_A.new_zeros(0, d_in, 1, 1, dtype=dtype)
+        return *frozen, *pack(*text, none, self.text_A.new_zeros(d_out, 0, dtype=dtype),
+                              self.text_scale, 1.0)
 
     def _full(self, x: torch.Tensor) -> torch.Tensor:
         images = self.variant.has_image_adapter

@@ -133,7 +133,7 @@ class MossModel(nn.Module):
             if not self.moss_config.causal:
                 raise ValueError("causal: adapters trained with causal=False see tokens to "
                                  "their right and cannot decode incrementally")
-            self.router.begin_decode(input_ids, self.image_token_ids, mask)
+            self.router.begin_decode(input_ids, mask)
             return
         ids, grid, causal = self.image_token_ids, self.image_grid, self.moss_config.causal
 

@@ -37,9 +37,8 @@ KWARG = "moss_routing"
 
 @dataclass
 class DecodeStep:
-    is_text: torch.Tensor  # [B] bool: the new token is a text token
-    is_image: torch.Tensor  # [B] bool
-    pos: torch.Tensor  # [B] int64: its position in its image (valid where is_image)
+    kind: torch.Tensor  # [B] int8: the new token is text (0), image (1) or padding (-1)
+    pos: torch.Tensor  # [B] int64: its position in its image (valid where it is an image token)
     grid: tuple[int, int]
 
 
@@ -65,6 +64,8 @@ class Router:
         self.run: torch.Tensor | None = None  # [B] trailing image-run length, across calls
         self.grid: tuple[int, int] | None = None
         self.rings: dict[int, torch.Tensor] = {}  # layer id -> [B, L, K*K*R_i]
+        self.packed: dict[int, tuple] = {}  # layer id -> its weights, packed for decoding
+        self.image_table: torch.Tensor | None = None  # [max image id + 1] bool
         self.fill = False  # a prefill whose layers must seed their rings
         # block -> (Routing, autograd graph task) recorded by a recomputation (module docstring)
         self._replay: dict[int, tuple[Routing, int]] = {}
@@ -81,25 +82,26 @@ class Router:
         self.current = Routing(build)
         self.fill = prefill_ids is not None
         if self.fill:
-            is_img = _is_image(prefill_ids, image_ids, mask)
+            self.image_table = _image_table(image_ids, prefill_ids.device)
+            is_img = _is_image(prefill_ids, self.image_table, mask)
             # Trailing run of image tokens per row (a prompt may end inside an image).
             self.run = torch.flip(is_img.long(), [1]).cumprod(1).sum(1)
-            self.grid, self.rings = grid, {}
+            self.grid, self.rings, self.packed = grid, {}, {}
         return self.current
 
-    def begin_decode(self, input_ids, image_ids, mask):
+    def begin_decode(self, input_ids, mask):
         if self.run is None:
             raise RuntimeError("a decode step (a call with a KV cache) came before its prefill")
         if input_ids.shape[1] != 1:
             raise ValueError(f"input_ids: decode steps take one new token per sequence, got "
                              f"{input_ids.shape[1]}")
         self._enter("decode")
-        is_img = _is_image(input_ids, image_ids, mask)[:, 0]
+        is_img = _is_image(input_ids, self.image_table, mask)[:, 0]
         self.run = torch.where(is_img, self.run + 1, torch.zeros_like(self.run))
         h, w = self.grid if self.grid else (1, 1)
         pad = (mask[:, -1] == 0) if mask is not None else torch.zeros_like(is_img)
-        self.step = DecodeStep(~is_img & ~pad, is_img, (self.run - 1).clamp(min=0) % (h * w),
-                               (h, w))
+        kind = torch.where(is_img, 1, torch.where(pad, -1, 0)).to(torch.int8)
+        self.step = DecodeStep(kind, (self.run - 1).clamp(min=0) % (h * w), (h, w))
 
     def end(self):
         self.mode, self.current, self.step, self.fill = None, None, None, False
@@ -182,14 +184,23 @@ class Router:
             "get_moss_model returned), which routes the batch, not its inner modules")
 
 
-def _is_image(ids, image_ids, mask) -> torch.Tensor:
+def _image_table(image_ids, device) -> torch.Tensor | None:
+    """A lookup table ``[max id + 1]`` bool of the image token ids: made once per generation, so
+    that a decode step tests its ids with one gather (``isin`` on a Python list each step cost
+    more than the step's adapters)."""
     if image_ids is None:
+        return None
+    ids = torch.as_tensor(image_ids, device=device).long()
+    table = torch.zeros(int(ids.max()) + 1 if ids.numel() else 1, dtype=torch.bool,
+                        device=device)
+    table[ids] = True
+    return table
+
+
+def _is_image(ids, table, mask) -> torch.Tensor:
+    if table is None:
         return torch.zeros_like(ids, dtype=torch.bool)
-    is_img = torch.isin(ids, torch.as_tensor(image_ids, device=ids.device))
+    is_img = table[ids.clamp(0, table.shape[0] - 1)] & (ids < table.shape[0])
     if mask is not None:
         is_img &= mask[:, -ids.shape[1]:] == 1
     return is_img
-
-
-def ring_size(kernel_size: int, width: int) -> int:
-    return (kernel_size - 1) * (width + 1) + 1
