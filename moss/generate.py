@@ -1,5 +1,12 @@
 """``moss generate``: interleaved output from a trained adapter, through transformers'
-``generate`` and the layers' incremental decode state (``MossModel.generate``)."""
+``generate`` and the layers' incremental decode state (``MossModel.generate``).
+
+Images are decoded under :class:`moss.constrain.ImageSpans` (inside an image only codes, exactly
+H x W, then its end token; no stray codes outside), with a progress bar per image
+(moss/progress.py), and each is written as a PNG (moss/picture.py: pixels where the backbone
+has a VQ decoder, else a labelled picture of its code grid). ``--prompts FILE`` generates for
+every line of a file, as one left-padded batch; ``--image`` opens an image after each prompt.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,15 @@ import argparse
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList
 
 from . import backbones
+from .constrain import ImageSpans
 from .errors import input_errors
 from .model import MossModel
-from .render import render
+from .picture import save_png
+from .progress import ImageProgress
+from .render import images_of, render
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,26 +30,67 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="the base it was trained on (default: built-in tiny)")
     p.add_argument("--prompt", default="Draw a red square.")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="a text file, one prompt per line (instead of --prompt), run as a batch")
+    p.add_argument("--image", action="store_true",
+                   help="start each continuation with an image (the prompt is its caption)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("moss-generated"),
+                   help="folder for the generated images' PNG files (default: moss-generated)")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts is None:
+        return [args.prompt]
+    try:
+        lines = args.prompts.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"moss generate: --prompts: cannot read {args.prompts} ({exc})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SystemExit(f"moss generate: --prompts: {args.prompts} holds no prompt (one per line)")
+    return prompts
 
 
 def generate(args: argparse.Namespace) -> str:
-    """The generated continuation of ``--prompt``, rendered (moss/render.py)."""
+    """What ``moss generate`` prints: each prompt's continuation, rendered (moss/render.py), and
+    where its images were written."""
     if args.max_new_tokens < 1:
         raise SystemExit("moss generate: --max-new-tokens must be >= 1")
+    prompts = _prompts(args)
     torch.manual_seed(args.seed)
     with input_errors("generate"):
         model, vocab, decode = backbones.load(args.model)
         moss = MossModel.from_pretrained(model, args.adapter, image_logits=True).eval()
-    ids = ([vocab.bos] if vocab.bos is not None else []) + list(vocab.encode_text(args.prompt))
-    prompt = torch.tensor([ids])
-    with torch.no_grad():
-        out = moss.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                            max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                            pad_token_id=vocab.pad, eos_token_id=vocab.eos)
-    return render(out[0, prompt.shape[1]:].tolist(), vocab, decode)
+    ids = [([vocab.bos] if vocab.bos is not None else []) + list(vocab.encode_text(p))
+           + ([vocab.begin_image] if args.image else []) for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[vocab.pad] * (width - len(row)) + row for row in ids])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+    spans = ImageSpans(vocab)
+    progress = ImageProgress(spans, [f"prompt {i + 1}" for i in range(len(prompts))])
+    try:
+        with torch.no_grad():
+            out = moss.generate(input_ids=input_ids, attention_mask=mask,
+                                max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                pad_token_id=vocab.pad, eos_token_id=vocab.eos,
+                                logits_processor=LogitsProcessorList([spans, progress]))
+    finally:
+        progress.close()
+    backbone = backbones.spec_for(model).name
+    shown = []
+    for i, prompt in enumerate(prompts):
+        tokens = ([vocab.begin_image] if args.image else []) + out[i, width:].tolist()
+        lines = [f"[{i + 1}] {prompt}"] if len(prompts) > 1 else []
+        lines.append(render(tokens, vocab, decode))
+        for j, (codes, finished) in enumerate(images_of(tokens, vocab)):
+            path = args.out / f"prompt{i + 1}_image{j + 1}.png"
+            kind = save_png(codes, vocab, path, backbone, finished)
+            lines.append(f"wrote {path} ({kind}{'' if finished else ', unfinished'})")
+        shown.append("\n".join(lines))
+    return "\n\n".join(shown)
 
 
 def main(args: argparse.Namespace) -> int:

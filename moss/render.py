@@ -32,6 +32,23 @@ def render(tokens: list[int], vocab: Vocabulary, decode: Callable[[list[int]], s
     return shown or f"(nothing: the {len(tokens)} generated tokens hold no text or image)"
 
 
+def images_of(tokens: list[int], vocab: Vocabulary) -> list[tuple[list[int], bool]]:
+    """Each image in ``tokens`` (up to ``vocab.eos``): its VQ codes and whether it ended."""
+    code_of = {tok: code for code, tok in enumerate(vocab.code_to_token)}
+    found, codes = [], None
+    for tok in tokens:
+        if tok == vocab.eos:
+            break
+        if tok == vocab.begin_image:
+            codes = []
+        elif tok == vocab.end_image and codes is not None:
+            found.append((codes, True))
+            codes = None
+        elif codes is not None and tok in code_of:
+            codes.append(code_of[tok])
+    return found + ([(codes, False)] if codes is not None else [])
+
+
 def _grid(codes: list[int], grid: tuple[int, int]) -> str:
     h, w = grid
     rows = [" ".join(f"{c:3d}" for c in codes[r * w:(r + 1) * w]) for r in range(h)]

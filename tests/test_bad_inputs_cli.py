@@ -175,6 +175,13 @@ cli("`moss generate --adapter nowhere/`", 1,
     lambda tmp: ["generate", "--adapter", str(tmp / "nowhere")])
 cli("`moss generate --max-new-tokens 0`", 1, "moss generate: --max-new-tokens must be >= 1",
     lambda tmp: ["generate", "--adapter", str(tmp), "--max-new-tokens", "0"])
+cli("`moss generate --prompts` a missing file", 1,
+    "moss generate: --prompts: cannot read ... nowhere.txt",
+    lambda tmp: ["generate", "--adapter", str(tmp), "--prompts", str(tmp / "nowhere.txt")])
+cli("`moss generate --prompts` a file of blank lines", 1,
+    "moss generate: --prompts: ... holds no prompt (one per line)",
+    lambda tmp: ["generate", "--adapter", str(tmp), "--prompts",
+                 str((tmp / "blank.txt").write_text("\n \n") and tmp / "blank.txt")])
 cli("`moss experiment --seeds 0`", 1, "moss experiment: --seeds must be >= 1",
     ["experiment", "--seeds", "0"])
 cli("`moss experiment --seeds x`", 2,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 
@@ -39,6 +40,8 @@ class Vocabulary:
     eos: int | None = None
     pad: int = 0
     encode_image_file: Callable[[Path], list[int]] | None = None  # when a VQ encoder exists
+    # codes -> [H', W', 3] uint8 pixels, when the backbone has a VQ decoder (moss/picture.py)
+    decode_codes: Callable[[list[int]], np.ndarray] | None = None
 
     def image(self, codes: list[int]) -> list[int]:
         return [self.begin_image] + [self.code_to_token[c] for c in codes] + [self.end_image]
