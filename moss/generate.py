@@ -5,7 +5,8 @@ Images are decoded under :class:`moss.constrain.ImageSpans` (inside an image onl
 H x W, then its end token; no stray codes outside), with a progress bar per image
 (moss/progress.py), and each is written as a PNG (moss/picture.py: pixels where the backbone
 has a VQ decoder, else a labelled picture of its code grid). ``--prompts FILE`` generates for
-every line of a file, as one left-padded batch; ``--image`` opens an image after each prompt.
+every line of a file, as one left-padded batch; ``--image`` opens an image after each prompt;
+``--guidance-scale`` adds classifier-free guidance (moss/guidance.py) in the same batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import LogitsProcessorList
 from . import backbones
 from .constrain import ImageSpans
 from .errors import input_errors
+from .guidance import ImageGuidance
 from .model import MossModel
 from .picture import save_png
 from .progress import ImageProgress
@@ -37,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance for image tokens: each prompt also runs "
+                        "without its caption in the same batch, and image tokens follow "
+                        "u + scale * (c - u) (moss/guidance.py); default off")
     p.add_argument("--out", type=Path, default=Path("moss-generated"),
                    help="folder for the generated images' PNG files (default: moss-generated)")
 
@@ -64,19 +70,29 @@ def generate(args: argparse.Namespace) -> str:
     with input_errors("generate"):
         model, vocab, decode = backbones.load(args.model)
         moss = MossModel.from_pretrained(model, args.adapter, image_logits=True).eval()
-    ids = [([vocab.bos] if vocab.bos is not None else []) + list(vocab.encode_text(p))
-           + ([vocab.begin_image] if args.image else []) for p in prompts]
+    if args.guidance_scale is not None and args.guidance_scale != args.guidance_scale:
+        raise SystemExit("moss generate: --guidance-scale must be a number")
+    bos = [vocab.bos] if vocab.bos is not None else []
+    opening = [vocab.begin_image] if args.image else []
+    ids = [bos + list(vocab.encode_text(p)) + opening for p in prompts]
+    guided = args.guidance_scale is not None
+    if guided:  # the unconditional twins: no caption
+        ids += [bos + opening for _ in prompts]
     width = max(map(len, ids))
     input_ids = torch.tensor([[vocab.pad] * (width - len(row)) + row for row in ids])
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
     spans = ImageSpans(vocab)
     progress = ImageProgress(spans, [f"prompt {i + 1}" for i in range(len(prompts))])
+    processors = [spans, progress]
+    if guided:  # it chooses each pair's token, so generate itself decodes greedily
+        processors.append(ImageGuidance(spans, args.guidance_scale, sample=args.sample))
     try:
         with torch.no_grad():
             out = moss.generate(input_ids=input_ids, attention_mask=mask,
-                                max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                max_new_tokens=args.max_new_tokens,
+                                do_sample=args.sample and not guided,
                                 pad_token_id=vocab.pad, eos_token_id=vocab.eos,
-                                logits_processor=LogitsProcessorList([spans, progress]))
+                                logits_processor=LogitsProcessorList(processors))
     finally:
         progress.close()
     backbone = backbones.spec_for(model).name

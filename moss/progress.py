@@ -25,7 +25,7 @@ class ImageProgress(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         inside, n = self.spans.state(input_ids)
         for row, (open_, count) in enumerate(zip(inside.tolist(), n.tolist())):
-            label = self.labels[row % len(self.labels)] if row < len(self.labels) else None
+            label = self.labels[row] if row < len(self.labels) else None
             if label is None:
                 continue
             bar = self.bars.get(row)

@@ -175,6 +175,8 @@ cli("`moss generate --adapter nowhere/`", 1,
     lambda tmp: ["generate", "--adapter", str(tmp / "nowhere")])
 cli("`moss generate --max-new-tokens 0`", 1, "moss generate: --max-new-tokens must be >= 1",
     lambda tmp: ["generate", "--adapter", str(tmp), "--max-new-tokens", "0"])
+cli("`moss generate --guidance-scale nan`", 1, "moss generate: --guidance-scale must be a number",
+    lambda tmp: ["generate", "--adapter", str(tmp), "--guidance-scale", "nan"])
 cli("`moss generate --prompts` a missing file", 1,
     "moss generate: --prompts: cannot read ... nowhere.txt",
     lambda tmp: ["generate", "--adapter", str(tmp), "--prompts", str(tmp / "nowhere.txt")])

@@ -12,6 +12,7 @@ from moss import MossConfig, MossModel, get_moss_model, tiny
 from moss.backbones import load as backbone
 from moss.cli import main
 from moss.constrain import ImageSpans
+from moss.guidance import ImageGuidance
 from moss.picture import CELL, code_colour, save_png
 from moss.progress import ImageProgress
 from moss.render import images_of
@@ -87,3 +88,49 @@ def test_moss_generate_writes_a_png_per_image_for_a_file_of_prompts(tmp_path, ca
         path = out / f"prompt{i}_image1.png"
         assert f"wrote {path} (code grid)" in shown and path.is_file()
     assert MossModel  # the CLI loads through MossModel.from_pretrained
+
+
+def test_guidance_mixes_logits_inside_images_and_keeps_each_pair_together():
+    """Row 0 is inside an image, row 1 in text: row 0 takes argmax u + s (c - u), row 1 argmax
+    c, and each unconditional twin is made to take its pair's token."""
+    opened = [VOCAB.bos, *VOCAB.encode_text("a"), VOCAB.begin_image]
+    text = [VOCAB.bos, *VOCAB.encode_text("ab")]
+    ids = torch.tensor([opened, text, opened, text])
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, MODEL.config.vocab_size, generator=g)
+    scores[:, 7] = float("-inf")  # a masked token stays masked
+    out = ImageGuidance(ImageSpans(VOCAB), 3.0)(ids, scores)
+    c, u = scores[:2], scores[2:]
+    want = [int((u[0] + 3.0 * (c[0] - u[0])).nan_to_num(float("-inf")).argmax()),
+            int(c[1].argmax())]
+    chosen = [int(row.argmax()) for row in out]
+    assert chosen == want + want
+    assert (out == 0).sum(1).tolist() == [1, 1, 1, 1]
+
+
+def test_moss_generate_with_guidance_writes_the_conditional_rows(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    get_moss_model(tiny.build(), MossConfig(r_text=4, r_image=4)).save_pretrained(adapter)
+    out = tmp_path / "pngs"
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "A red square.", "--image",
+                 "--guidance-scale", "3", "--sample", "--max-new-tokens", str(H * W + 1),
+                 "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"wrote {out / 'prompt1_image1.png'} (code grid)" in shown
+    assert not (out / "prompt2_image1.png").exists()  # the unconditional twin is not shown
+
+
+def test_guided_generation_keeps_both_rows_of_a_pair_on_the_same_tokens():
+    torch.manual_seed(1)
+    moss = get_moss_model(tiny.build(), MossConfig(r_text=4, r_image=4), image_logits=True).eval()
+    cond = [VOCAB.bos, *VOCAB.encode_text("red"), VOCAB.begin_image]
+    uncond = [VOCAB.pad] * 3 + [VOCAB.bos, VOCAB.begin_image]  # left-padded twin
+    ids = torch.tensor([cond, uncond])
+    spans = ImageSpans(VOCAB)
+    with torch.no_grad():
+        out = moss.generate(input_ids=ids, attention_mask=(ids != VOCAB.pad).long(),
+                            max_new_tokens=H * W + 4, do_sample=False, pad_token_id=VOCAB.pad,
+                            eos_token_id=VOCAB.eos, logits_processor=LogitsProcessorList(
+                                [spans, ImageGuidance(spans, 4.0, sample=True)]))
+    new = out[:, ids.shape[1]:]
+    assert torch.equal(new[0], new[1]) and new[0, H * W].item() == VOCAB.end_image
