@@ -65,13 +65,13 @@ def generate(args: argparse.Namespace) -> str:
     where its images were written."""
     if args.max_new_tokens < 1:
         raise SystemExit("moss generate: --max-new-tokens must be >= 1")
+    if args.guidance_scale is not None and args.guidance_scale != args.guidance_scale:
+        raise SystemExit("moss generate: --guidance-scale must be a number")
     prompts = _prompts(args)
     torch.manual_seed(args.seed)
     with input_errors("generate"):
         model, vocab, decode = backbones.load(args.model)
         moss = MossModel.from_pretrained(model, args.adapter, image_logits=True).eval()
-    if args.guidance_scale is not None and args.guidance_scale != args.guidance_scale:
-        raise SystemExit("moss generate: --guidance-scale must be a number")
     bos = [vocab.bos] if vocab.bos is not None else []
     opening = [vocab.begin_image] if args.image else []
     ids = [bos + list(vocab.encode_text(p)) + opening for p in prompts]
