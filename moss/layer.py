@@ -54,25 +54,23 @@ class MossLinear(nn.Module):
 
     def _seed_ring(self, x: torch.Tensor) -> None:
         """After a prefill, keep the tap products of each row's last L tokens, at the ring
-        slots of their positions in the image the prompt ends in (if any)."""
+        slots of their positions in the image the prompt ends in (if any); and those of a few
+        more tokens, to re-seed from if a crop takes back the prompt's last tokens."""
         router = self._router
-        h, w = router.grid
-        t = x.shape[1]
-        n_slots = ring_size(self.window, w)
-        back = torch.arange(n_slots, device=x.device)
-        rows = (t - 1 - back).clamp(min=0)
-        pos_last = (router.run - 1).clamp(min=0) % (h * w)
-        slots = (pos_last[:, None] - back[None]) % n_slots  # distinct within a row
-        taps = x[:, rows] @ self.variant.taps(self, x.dtype).t()  # [B, L, K*K*R_i]
-        ring = torch.zeros_like(taps).scatter_(1, slots[..., None].expand_as(taps), taps)
-        router.rings[id(self)] = ring
+        slots = ring_size(self.window, router.grid[1])
+        back = torch.arange(slots + len(router.history) - 1, device=x.device)
+        rows = (x.shape[1] - 1 - back).clamp(min=0)  # newest first
+        taps = x[:, rows] @ self.variant.taps(self, x.dtype).t()  # [B, L + extra, K*K*R_i]
+        router.seeds[id(self)] = taps
+        router.rings[id(self)] = router.seeded_ring(taps, 0, slots)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence, through moss_kernels' decode op: the base layer, the
-        text LoRA for text tokens, the ConvLoRA from this layer's ring of past tap products
-        for image tokens (the ring is allocated here if the prefill left none)."""
+        """A decode call's new tokens (one per sequence, or an assistant's candidates, one after
+        the other) through moss_kernels' decode op: the base layer, the text LoRA for text
+        tokens, the ConvLoRA from this layer's ring of past tap products for image tokens (the
+        ring is allocated here if the prefill left none)."""
         router, step = self._router, self._router.step
-        xs = x[:, -1]  # [B, D_in]
+        xs = x[:, -1]  # [B, D_in]: the ring's batch
         images = self.variant.has_image_adapter and router.grid is not None
         k = self.window if images else 1
         # The weights packed once per generation (parameters do not change inside generate);
@@ -93,9 +91,15 @@ class MossLinear(nn.Module):
         else:  # no image adapter (image tokens take the text adapter) or no image layout
             ring = xs.new_zeros(xs.shape[0], 0, 0)
             kind = step.kind if self.variant.has_image_adapter else step.kind.clamp(max=0)
-        y = moss_decode(xs, *packed, ring, kind, step.pos, step.grid[1], self.text_A.shape[0], k,
-                        self.backend)
-        return y[:, None]
+        ys = []
+        for j in range(x.shape[1]):  # T > 1: an assistant's candidates, one after the other
+            if images:  # what this token overwrites, in case a crop takes it back
+                batch = torch.arange(ring.shape[0], device=ring.device)
+                slot = step.pos[j] % ring.shape[1]
+                router.undo.setdefault(id(self), []).append((slot, ring[batch, slot].clone()))
+            ys.append(moss_decode(x[:, j], *packed, ring, kind[j], step.pos[j], step.grid[1],
+                                  self.text_A.shape[0], k, self.backend))
+        return torch.stack(ys, 1)
 
     def _pack(self, dtype: torch.dtype, images: bool) -> tuple:
         """``(weight, bias, a_all, b_cat)`` in ``dtype``, as the decode op reads them

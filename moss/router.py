@@ -33,12 +33,18 @@ import moss_kernels as mk
 
 #: The keyword argument that carries a call's Routing down to the decoder layers.
 KWARG = "moss_routing"
+#: Trailing prompt tokens a crop may take back right after a prefill (assisted decoding's first
+#: verification runs inside the prefill; its drafts are at most this long in practice).
+PREFILL_UNDO = 64
 
 
 @dataclass
 class DecodeStep:
-    kind: torch.Tensor  # [B] int8: the new token is text (0), image (1) or padding (-1)
-    pos: torch.Tensor  # [B] int64: its position in its image (valid where it is an image token)
+    """A decode call's T new tokens per sequence (T > 1: an assistant's candidates being
+    verified), token-major so that each token's row of kinds and positions is contiguous."""
+
+    kind: torch.Tensor  # [T, B] int8: each new token is text (0), image (1) or padding (-1)
+    pos: torch.Tensor  # [T, B] int64: its position in its image (valid for image tokens)
     grid: tuple[int, int]
 
 
@@ -66,6 +72,13 @@ class Router:
         self.rings: dict[int, torch.Tensor] = {}  # layer id -> [B, L, K*K*R_i]
         self.packed: dict[int, tuple] = {}  # layer id -> its weights, packed for decoding
         self.image_table: torch.Tensor | None = None  # [max image id + 1] bool
+        # The last decode call: run lengths before / after each token, and per layer the ring
+        # slots its tokens overwrote, [(slot [B], old [B, C])] (Router._undo).
+        # None after a prefill, whose layers keep instead the tap products of its last tokens
+        # (seeds: layer id -> [B, L + PREFILL_UNDO, C], newest first) to re-seed from.
+        self.history: list[torch.Tensor] = []
+        self.undo: dict[int, list] | None = {}
+        self.seeds: dict[int, torch.Tensor] = {}
         self.fill = False  # a prefill whose layers must seed their rings
         # block -> (Routing, autograd graph task) recorded by a recomputation (module docstring)
         self._replay: dict[int, tuple[Routing, int]] = {}
@@ -84,24 +97,38 @@ class Router:
         if self.fill:
             self.image_table = _image_table(image_ids, prefill_ids.device)
             is_img = _is_image(prefill_ids, self.image_table, mask)
-            # Trailing run of image tokens per row (a prompt may end inside an image).
-            self.run = torch.flip(is_img.long(), [1]).cumprod(1).sum(1)
+            # The run of image tokens ending at each position (a prompt may end inside an
+            # image), kept for the last PREFILL_UNDO positions: assisted decoding verifies its
+            # first candidates inside the prefill, and may crop them.
+            t = torch.arange(is_img.shape[1], device=is_img.device)
+            breaks = torch.where(is_img, -1, t).cummax(1).values
+            run_at = t - breaks
+            self.run = run_at[:, -1]
+            keep = min(PREFILL_UNDO, is_img.shape[1] - 1)
+            self.history = [run_at[:, -1 - i] for i in range(keep, -1, -1)]
             self.grid, self.rings, self.packed = grid, {}, {}
+            self.undo, self.seeds = None, {}
         return self.current
 
     def begin_decode(self, input_ids, mask):
+        """A call with a KV cache: its T new tokens' kinds and positions, one token after the
+        other (assisted decoding verifies several at once). The image-run length before and
+        after each token is kept, and the layers log the ring slots they overwrite, so that a
+        crop of this call's tokens can be undone (:meth:`follow`)."""
         if self.run is None:
             raise RuntimeError("a decode step (a call with a KV cache) came before its prefill")
-        if input_ids.shape[1] != 1:
-            raise ValueError(f"input_ids: decode steps take one new token per sequence, got "
-                             f"{input_ids.shape[1]}")
         self._enter("decode")
-        is_img = _is_image(input_ids, self.image_table, mask)[:, 0]
-        self.run = torch.where(is_img, self.run + 1, torch.zeros_like(self.run))
+        is_img = _is_image(input_ids, self.image_table, mask)  # [B, T]
+        t = input_ids.shape[1]
         h, w = self.grid if self.grid else (1, 1)
-        pad = (mask[:, -1] == 0) if mask is not None else torch.zeros_like(is_img)
+        pad = (mask[:, -t:] == 0) if mask is not None else torch.zeros_like(is_img)
+        runs, pos = [self.run], []
+        for j in range(t):
+            runs.append(torch.where(is_img[:, j], runs[-1] + 1, torch.zeros_like(self.run)))
+            pos.append((runs[-1] - 1).clamp(min=0) % (h * w))
+        self.run, self.history, self.undo, self.seeds = runs[-1], runs, {}, {}
         kind = torch.where(is_img, 1, torch.where(pad, -1, 0)).to(torch.int8)
-        self.step = DecodeStep(kind, (self.run - 1).clamp(min=0) % (h * w), (h, w))
+        self.step = DecodeStep(kind.t().contiguous(), torch.stack(pos), (h, w))
 
     def end(self):
         self.mode, self.current, self.step, self.fill = None, None, None, False
@@ -110,8 +137,9 @@ class Router:
         """Make the decode state follow ``cache``'s batch operations: beam search reorders the
         KV cache's rows between steps (``reorder_cache``), and other strategies select or
         repeat them; the image-run lengths and the rings are per row too, and must move with
-        them (else a beam reads another beam's past tap products). ``crop`` (assisted
-        decoding) would need the rings' overwritten slots back: it is refused."""
+        them (else a beam reads another beam's past tap products). ``crop`` (assisted and
+        prompt-lookup decoding take back rejected candidates) undoes the last call's tokens:
+        their run lengths and the ring slots they overwrote."""
         def after(name, update):
             method = getattr(cache, name, None)
             if method is None or getattr(method, "_moss_follows", False):
@@ -125,23 +153,69 @@ class Router:
             wrapped._moss_follows = True
             setattr(cache, name, wrapped)  # this cache object only
 
-        def crop(_):
-            raise NotImplementedError(
-                "MOSS's incremental ConvLoRA state cannot be cropped (assisted decoding, "
-                "prompt lookup): generate without an assistant")
+        crop = getattr(cache, "crop", None)
+        if crop is not None and not getattr(crop, "_moss_follows", False):
+            def cropped(tokens):  # transformers 5: crop(-n) removes the last n tokens
+                n = -tokens if tokens <= 0 else cache.get_seq_length() - tokens
+                self._check_undo(n)
+                out = crop(tokens)  # first: it refuses what it does not support
+                self._undo(n)
+                return out
+            cropped._moss_follows = True
+            cache.crop = cropped
         after("reorder_cache", self._select)
         after("batch_select_indices", self._select)
         after("batch_repeat_interleave", self._repeat)
-        if getattr(cache, "crop", None) is not None:
-            cache.crop = crop
+
+    def _check_undo(self, n: int) -> None:
+        if self.run is not None and n > len(self.history) - 1:
+            raise NotImplementedError(
+                f"MOSS's ConvLoRA decode state can take back the tokens of the last call only "
+                f"({len(self.history) - 1}); this crop removes {n}")
+
+    def _undo(self, n: int) -> None:
+        """Take back the last ``n`` tokens (a crop): the run length they started from, and in
+        every layer's ring the slots they overwrote, newest first."""
+        if n <= 0 or self.run is None:
+            return
+        self._check_undo(n)
+        if self.undo is None:  # the last call was the prefill: seed as if it were n shorter
+            for layer, taps in self.seeds.items():
+                self.rings[layer] = self.seeded_ring(taps, n, self.rings[layer].shape[1])
+            self.seeds = {}
+            del self.history[-n:]
+            self.history = self.history[-1:]
+        else:
+            for layer, log in self.undo.items():
+                ring = self.rings[layer]
+                batch = torch.arange(ring.shape[0], device=ring.device)
+                for slot, old in reversed(log[-n:]):
+                    ring[batch, slot] = old
+                del log[-n:]
+            del self.history[-n:]
+        self.run = self.history[-1]
+
+    def seeded_ring(self, taps: torch.Tensor, n: int, slots: int) -> torch.Tensor:
+        """The ring a prefill leaves when its last ``n`` tokens are left out: ``taps [B, >= n +
+        slots, C]`` holds the tap products of the prompt's last positions, newest first; the
+        ``slots`` before the last ``n`` go to the ring slots of their positions in the image the
+        shortened prompt ends in."""
+        h, w = self.grid
+        back = torch.arange(slots, device=taps.device)
+        pos_last = (self.history[-1 - n] - 1).clamp(min=0) % (h * w)
+        index = (pos_last[:, None] - back[None]) % slots  # distinct within a row
+        rows = taps[:, n:n + slots]
+        return torch.zeros_like(rows).scatter_(1, index[..., None].expand_as(rows), rows)
 
     def _select(self, rows: torch.Tensor) -> None:
         self.run = self.run[rows.to(self.run.device)]
         self.rings = {k: ring[rows.to(ring.device)] for k, ring in self.rings.items()}
+        self.history, self.undo, self.seeds = [self.run], {}, {}  # rows moved: no undo
 
     def _repeat(self, n: int) -> None:
         self.run = self.run.repeat_interleave(n, 0)
         self.rings = {k: ring.repeat_interleave(n, 0) for k, ring in self.rings.items()}
+        self.history, self.undo, self.seeds = [self.run], {}, {}
 
     def _enter(self, mode):
         if self.mode is not None:

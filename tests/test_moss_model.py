@@ -372,14 +372,74 @@ def test_beam_search_scores_are_the_full_forwards_scores():
         assert score.item() == pytest.approx(total, abs=1e-4), f"sequence {i}"
 
 
-def test_cropping_the_cache_of_a_moss_generation_is_refused():
-    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID))
+def _chunked(moss, ids, mask, positions, prefix, chunk, cache_kw):
+    """Prefill ``prefix`` tokens, then feed the rest ``chunk`` at a time; the logits."""
     cache = transformers.DynamicCache()
+    out = [moss(input_ids=ids[:, :prefix], attention_mask=mask[:, :prefix],
+                position_ids=positions[:, :prefix], use_cache=True, **{cache_kw: cache}).logits]
+    for t in range(prefix, ids.shape[1], chunk):
+        u = min(t + chunk, ids.shape[1])
+        out.append(moss(input_ids=ids[:, t:u], attention_mask=mask[:, :u],
+                        position_ids=positions[:, t:u], use_cache=True,
+                        **{cache_kw: cache}).logits)
+    return torch.cat(out, 1), cache
+
+
+@pytest.mark.parametrize("variant", ["conv", "shared"])
+def test_decode_calls_of_several_tokens_equal_the_full_forward(variant):
+    """What assisted decoding's verification does: several new tokens in one cached call."""
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_adapter=variant,
+                                                       image_grid=GRID))
+    _randomize_B(moss, scale=1.0)
+    ids, mask = decode_sequence()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        moss(input_ids=torch.tensor([[1, 7] + IMG[:3]]), use_cache=True,
-             **{_cache_kwarg(moss.model): cache})
-    with pytest.raises(NotImplementedError, match="cannot be cropped"):
-        cache.crop(-1)
+        full = moss(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        for chunk in (2, 3, 5):
+            got, _ = _chunked(moss, ids, mask, positions, 4, chunk, _cache_kwarg(moss.model))
+            torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4, msg=f"chunk {chunk}")
+
+
+def test_a_crop_takes_back_the_last_calls_tokens():
+    """Feed 4 tokens, crop 3 of them, feed others: as if the others had come first (the rings'
+    overwritten slots restored); a crop reaching into an earlier call is refused."""
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID))
+    _randomize_B(moss, scale=1.0)
+    kw = _cache_kwarg(moss.model)
+    prompt = [1, 7] + IMG[:6]
+    tried, kept = IMG[6:10], IMG[20:23]
+    with torch.no_grad():
+        want = moss(input_ids=torch.tensor([prompt + tried[:1] + kept])).logits
+        cache = transformers.DynamicCache()
+        moss(input_ids=torch.tensor([prompt]), use_cache=True, **{kw: cache})
+        moss(input_ids=torch.tensor([tried]), use_cache=True, **{kw: cache})
+        cache.crop(-3)  # transformers 5: the number of tokens to remove, negated
+        got = moss(input_ids=torch.tensor([kept]), use_cache=True, **{kw: cache}).logits
+        torch.testing.assert_close(got, want[:, -len(kept):], rtol=1e-4, atol=1e-4)
+        with pytest.raises(NotImplementedError, match="the tokens of the last call only"):
+            cache.crop(-4)
+        assert cache.get_seq_length() == len(prompt) + 1 + len(kept)  # refused before cropping
+        # Assisted decoding's first verification is part of the prefill: crop that too.
+        cache = transformers.DynamicCache()
+        moss(input_ids=torch.tensor([prompt + tried]), use_cache=True, **{kw: cache})
+        cache.crop(-3)
+        got = moss(input_ids=torch.tensor([kept]), use_cache=True, **{kw: cache}).logits
+        torch.testing.assert_close(got, want[:, -len(kept):], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("how", [dict(prompt_lookup_num_tokens=3), "assistant"])
+def test_assisted_decoding_gives_plain_greedy_decoding(how):
+    """Greedy assisted decoding (a draft model, or prompt lookup) proposes tokens, verifies
+    them in one call and crops the rejected ones: its output is greedy decoding's."""
+    moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID),
+                          image_logits=True)
+    _randomize_B(moss, scale=1.0)
+    prompt = torch.tensor([[1, 7] + IMG[:6] + [9, 7] + IMG[:5]])  # n-grams to look up
+    kw = dict(assistant_model=tiny_chameleon()) if how == "assistant" else how
+    with torch.no_grad():
+        plain = moss.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)
+        assisted = moss.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, **kw)
+    assert torch.equal(assisted, plain)
 
 
 def test_image_logits_option_lifts_chameleons_mask_and_unload_restores_it():
