@@ -91,9 +91,9 @@ class MossLinear(nn.Module):
         else:  # no image adapter (image tokens take the text adapter) or no image layout
             ring = xs.new_zeros(xs.shape[0], 0, 0)
             kind = step.kind if self.variant.has_image_adapter else step.kind.clamp(max=0)
-        ys = []
+        ys, drafts = [], x.shape[1] > 1
         for j in range(x.shape[1]):  # T > 1: an assistant's candidates, one after the other
-            if images:  # what this token overwrites, in case a crop takes it back
+            if images and drafts:  # what this token overwrites, in case a crop takes it back
                 batch = torch.arange(ring.shape[0], device=ring.device)
                 slot = step.pos[j] % ring.shape[1]
                 router.undo.setdefault(id(self), []).append((slot, ring[batch, slot].clone()))

@@ -126,7 +126,10 @@ class Router:
         for j in range(t):
             runs.append(torch.where(is_img[:, j], runs[-1] + 1, torch.zeros_like(self.run)))
             pos.append((runs[-1] - 1).clamp(min=0) % (h * w))
-        self.run, self.history, self.undo, self.seeds = runs[-1], runs, {}, {}
+        # Only a call of several tokens (drafts being verified) can be cropped back: a single
+        # token's call keeps no undo log (it would cost a copy per layer and token).
+        self.run, self.undo, self.seeds = runs[-1], {}, {}
+        self.history = runs if t > 1 else runs[-1:]
         kind = torch.where(is_img, 1, torch.where(pad, -1, 0)).to(torch.int8)
         self.step = DecodeStep(kind.t().contiguous(), torch.stack(pos), (h, w))
 

@@ -419,6 +419,9 @@ def test_a_crop_takes_back_the_last_calls_tokens():
         with pytest.raises(NotImplementedError, match="the tokens of the last call only"):
             cache.crop(-4)
         assert cache.get_seq_length() == len(prompt) + 1 + len(kept)  # refused before cropping
+        moss(input_ids=torch.tensor([kept[:1]]), use_cache=True, **{kw: cache})
+        with pytest.raises(NotImplementedError, match=r"last call only \(0\)"):
+            cache.crop(-1)  # one token per call is plain decoding: nothing to take back
         # Assisted decoding's first verification is part of the prefill: crop that too.
         cache = transformers.DynamicCache()
         moss(input_ids=torch.tensor([prompt + tried]), use_cache=True, **{kw: cache})
