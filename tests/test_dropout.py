@@ -70,6 +70,13 @@ def test_dropout_mask_follows_torch_manual_seed():
     assert not torch.equal(a, dropout_mask(x, 0.2))  # the next call draws a new seed
 
 
+def test_off_the_cpu_the_mask_is_bernoullis_packed():
+    """The non-CPU branch (bernoulli_ then pack), on the meta device: shape and dtype."""
+    bits = dropout_mask(torch.empty(5, 70, device="meta"), 0.3)
+    assert bits.device.type == "meta" and bits.dtype == torch.uint8
+    assert bits.shape == (5, packed_width(70))
+
+
 def test_dropout_mask_refuses_bad_arguments():
     with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
         dropout_mask([[1.0]], 0.1)
