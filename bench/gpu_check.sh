@@ -4,7 +4,7 @@
 #     bash bench/gpu_check.sh --dry-run  the same logic on a CPU, small (CI runs it)
 #
 # Steps and their budgets, set on paper for the H200 (16 cores; no package registry there, so
-# nothing is installed) and enforced with `timeout`; 370 s in all, inside a 10-minute call:
+# nothing is installed) and enforced with `timeout`; 480 s in all, inside a 10-minute call:
 #   env            10 s  versions, gcc, nvcc, the GPU
 #   build          90 s  MAX_JOBS=16: route_cuda.cu (nvcc, sm_90) beside the CPU and emulated
 #                        C++ TUs, in parallel; fails loudly if no CUDA kernels were built
@@ -14,17 +14,21 @@
 #   smoke-memcheck 40 s  the same under compute-sanitizer memcheck (cache warm; skipped where
 #                        the sanitizer cannot attach, as under gVisor)
 #   smoke-large    30 s  the same on Chameleon-sized rows (the aligned specialisations)
-#   tests          60 s  the backend and op tests on the GPU, 8 workers, 60 s per test
+#   tests          90 s  the backend, op and decode tests on the GPU (the decode step captured
+#                        in a CUDA graph included), 8 workers, 60 s per test
 #   bench         100 s  bf16, Chameleon-7B's q/k/v/o (N 16k, D 4096), K 2: the paper's R 256
 #                        without torch.compile (its rows are sure to come), then R 16 with every
 #                        provider; each case's CSV rows written as it finishes, each time beside
 #                        its roofline; as a user runs it (autotuning on, outputs not poisoned).
 #                        Over budget it is "partial": the rows measured so far stand
+#   model          80 s  moss bench --model on the GPU (bf16): a training step and greedy decode
+#                        per token inside an image, frozen / PEFT LoRA / MOSS on triton and
+#                        cuda; its CSV only (the plot stays behind: 8 files at most)
 # Correctness steps run with MOSS_KERNELS_POISON=1 (outputs start as NaN) and one Triton config
 # (MOSS_TRITON_AUTOTUNE=0: they check, not tune). Each step's summary line is appended to
 # summary.txt as it ends, so a call cut short keeps the lines so far; the summary is printed
 # last. Files under OUT: env.txt build.log smoke.log tests.log bench.log moss_bench_<device>.csv
-# summary.txt (7, within the tool's 8).
+# moss_bench_model_<device>.csv summary.txt (8, the tool's limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -111,8 +115,8 @@ if [ $DRY = 1 ]; then
   step tests 240 tests.log "$TESTS" hard -- $PY -m pytest -q -n 2 --timeout 120 \
     -p no:cacheprovider tests/test_ops.py -k "opcheck_forward and reference"
 else
-  step tests 60 tests.log "$TESTS" hard -- $PY -m pytest -q -n 8 --timeout 60 \
-    -p no:cacheprovider tests/test_backends.py tests/test_ops.py
+  step tests 90 tests.log "$TESTS" hard -- $PY -m pytest -q -n 8 --timeout 60 \
+    -p no:cacheprovider tests/test_backends.py tests/test_ops.py tests/test_decode.py
 fi
 
 HEADLINE="$PY bench/gpu_summary.py $OUT/moss_bench_*.csv | head -n 1"
@@ -126,6 +130,17 @@ else
 --case chameleon-7b-qkvo --rank 256 --sweep --no-compile --modes forward forward+backward \
 --reps 10 --out '$OUT' && $PY -m moss bench --case chameleon-7b-qkvo --sweep \
 --modes forward forward+backward --reps 10 --out '$OUT'"
+fi
+
+MODEL="grep -E 'decode|train' $OUT/bench.log | tail -n 1"
+MODEL_OUT=$(mktemp -d)  # the plot stays here; only the CSV goes to OUT
+if [ $DRY = 1 ]; then
+  step model 240 bench.log "$MODEL" soft -- $AS_USERS_RUN bash -c "$PY -m moss bench --model \
+--quick --reps 1 --warmup 0 --out '$MODEL_OUT' && cp '$MODEL_OUT'/*.csv '$OUT'/"
+else
+  step model 80 bench.log "$MODEL" soft -- $AS_USERS_RUN bash -c "$PY -m moss bench --model \
+--device cuda --dtype bfloat16 --reps 5 --backends triton cuda --out '$MODEL_OUT'; \
+cp '$MODEL_OUT'/*.csv '$OUT'/"
 fi
 
 { echo

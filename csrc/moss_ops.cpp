@@ -74,7 +74,7 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
   // csrc/cpu/dropout_cpu.cpp.
   m.def("_ext_dropout_mask(Tensor x, Tensor seed, float p) -> Tensor");
   // One incremental decode step of a MOSS linear layer, updating its ring of tap products in
-  // place (csrc/cpu/decode_cpu.cpp; the math is moss_kernels/decode.py's reference).
+  // place (csrc/cuda/decode_impl.h, for CPU and CUDA; the math: moss_kernels/decode.py).
   m.def(
       "_ext_decode(Tensor x, Tensor weight, Tensor? bias, Tensor a_all, Tensor b_cat, "
       "Tensor(a!) ring, Tensor kind, Tensor pos, int width, int r_text, int kernel_size) "
@@ -91,6 +91,10 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
       "Tensor nbr_t, float text_scale, float image_scale, bool need_dx, bool need_dweight, "
       "bool need_dbias, bool need_dx_adapter) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_emulated_decode(Tensor x, Tensor weight, Tensor? bias, Tensor a_all, Tensor b_cat, "
+      "Tensor(a!) ring, Tensor kind, Tensor pos, int width, int r_text, int kernel_size) "
+      "-> Tensor");
   m.def("_emulated_configure(int max_blocks, int threads, bool check_writes) -> int[]",
         &emulated_configure);
 }

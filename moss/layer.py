@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import moss_kernels as mk
-from moss_kernels.decode import moss_decode, pack, ring_size
+from moss_kernels.decode import moss_decode, pack, ring_dtype, ring_size
 
 from .config import MossConfig
 from .router import Router
@@ -60,7 +60,8 @@ class MossLinear(nn.Module):
         slots = ring_size(self.window, router.grid[1])
         back = torch.arange(slots + len(router.history) - 1, device=x.device)
         rows = (x.shape[1] - 1 - back).clamp(min=0)  # newest first
-        taps = x[:, rows] @ self.variant.taps(self, x.dtype).t()  # [B, L + extra, K*K*R_i]
+        dtype = ring_dtype(x.dtype)
+        taps = x[:, rows].to(dtype) @ self.variant.taps(self, dtype).t()  # [B, L + extra, K*K*R_i]
         router.seeds[id(self)] = taps
         router.rings[id(self)] = router.seeded_ring(taps, 0, slots)
 
@@ -85,11 +86,12 @@ class MossLinear(nn.Module):
             ring = router.rings.get(id(self))
             if ring is None:
                 ring = xs.new_zeros(xs.shape[0], ring_size(k, step.grid[1]),
-                                    packed[2].shape[0] - self.text_A.shape[0])
+                                    packed[2].shape[0] - self.text_A.shape[0],
+                                    dtype=ring_dtype(xs.dtype))
                 router.rings[id(self)] = ring
             kind = step.kind
         else:  # no image adapter (image tokens take the text adapter) or no image layout
-            ring = xs.new_zeros(xs.shape[0], 0, 0)
+            ring = xs.new_zeros(xs.shape[0], 0, 0, dtype=ring_dtype(xs.dtype))
             kind = step.kind if self.variant.has_image_adapter else step.kind.clamp(max=0)
         ys, drafts = [], x.shape[1] > 1
         for j in range(x.shape[1]):  # T > 1: an assistant's candidates, one after the other

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from moss_kernels.reference import stack_down
+
 if TYPE_CHECKING:
     from .config import MossConfig
 
@@ -73,8 +75,7 @@ class Variant:
         """``[K*K*R_i, D_in]``: the kernel as one block of rows per tap (tap = p*K + q), what a
         decode step multiplies the new token by (its ring entry)."""
         a = self.image_kernel(layer).to(dtype)
-        r, d_in, k, _ = a.shape
-        return a.permute(2, 3, 0, 1).reshape(k * k * r, d_in)
+        return stack_down(a.new_zeros(0, a.shape[1]), a)  # A_all without text rows
 
     def num_params(self, cfg: MossConfig, d_in: int, d_out: int) -> int:
         """Trainable parameters this variant adds to a ``d_in -> d_out`` layer, text adapter

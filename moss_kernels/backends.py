@@ -1,14 +1,17 @@
 """The backend contract, the registry, and selection (docs/design.md section 4).
 
 A backend is one :class:`Backend` record: its name, the device types and dtypes it runs,
-why it cannot run here (if so), and its two entry points, which take the layer's inputs as one
-:class:`LinearInputs` (the custom ops' flat schemas stop at moss_kernels/linear.py):
+why it cannot run here (if so), and its entry points; the full op's two take the layer's inputs
+as one :class:`LinearInputs` (the custom ops' flat schemas stop at moss_kernels/linear.py):
 
     forward(inputs)                   -> (y [N, D_out] in x's dtype, z [N, R_t + R_i] in the
                                           accumulation dtype, which the backward reads)
     backward(inputs, dy, z, needs)    -> Grads(x, weight, bias, x_adapter, text_A, ...,
                                           image_B); a gradient ``needs`` does not ask for is an
                                           empty tensor
+    decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
+                                      -> y [B, D_out]; one incremental decode step, the ring
+                                         updated in place (moss_kernels/decode.py)
 
 The adapters read :attr:`LinearInputs.adapter_input`: ``x_adapter`` when given, ``x`` through
 LoRA dropout's ``dropout_mask`` when that is given, else ``x``. The base GEMM always reads ``x``,
@@ -115,6 +118,7 @@ class Backend:
     name: str
     forward: Callable[[LinearInputs], tuple[Tensor, Tensor]] | None = None
     backward: Callable[[LinearInputs, Tensor, Tensor, Needs], Grads] | None = None
+    decode: Callable[..., Tensor] | None = None
     devices: tuple[str, ...] | None = None  # device types; None: any device torch supports
     dtypes: tuple[torch.dtype, ...] | None = None  # None: any floating dtype
     preference: int = 0  # what `auto` picks among those that run: the highest
@@ -191,7 +195,8 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
 }
 #: Every backend name.
 BACKENDS = tuple(_LOADERS)
-_cache: dict[str, Backend] = {}
+#: What this process found: backend records by name, and resolve's answers by its arguments.
+_cache: dict = {}
 
 
 def backend(name: str) -> Backend:
@@ -243,10 +248,20 @@ def resolve(name: str | None, device_type: str, dtype: torch.dtype = torch.float
     """The backend to run for ``dtype`` tensors on ``device_type``.
 
     A constant for torch.compile: it reads the environment and probes imports, neither of
-    which belongs in a traced graph.
+    which belongs in a traced graph. Answers are cached per (name, environment variable,
+    device, dtype): a decode step calls this per layer per token, and the search cost 6 us.
     """
+    key = (name, os.environ.get(ENV_VAR) if name is None else None, device_type, dtype)
+    if not (name is None or isinstance(name, str)):  # unhashable, perhaps: _resolve says why
+        return _resolve(*key)
+    if key not in _cache:
+        _cache[key] = _resolve(*key)
+    return _cache[key]
+
+
+def _resolve(name: str | None, env: str | None, device_type: str, dtype: torch.dtype) -> str:
     if name is None:
-        name = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+        name = (env or "auto").strip() or "auto"
         source = f"{ENV_VAR}={name!r}"
         if name == "auto":
             runs = [b for b in map(backend, BACKENDS) if b.unavailable is None and not b.emulated

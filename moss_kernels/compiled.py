@@ -5,8 +5,10 @@ backend ``cuda-emulated`` (csrc/emulated).
 (flat schemas, csrc/moss_ops.cpp), which dispatch on the tensors' device: on CPU the base GEMM is
 ATen's (MKL) and the adapter runs in hand-vectorised route-aware kernels
 (csrc/cpu/rank_kernels.h); on CUDA the adapter rides in cuBLAS GEMMs around the routing kernels
-(csrc/cuda/linear_impl.h). ``cuda-emulated`` runs that same CUDA source on CPU tensors, through
-``moss::_emulated_linear_fwd`` / ``_bwd``, so that CI executes it without a GPU.
+(csrc/cuda/linear_impl.h). The decode step is ``moss::_ext_decode`` on both devices: one
+composition (csrc/cuda/decode_impl.h) around the GPU's decode_taps kernel, which the CPU runs as
+one thread. ``cuda-emulated`` runs that same CUDA source on CPU tensors, through
+``moss::_emulated_linear_fwd`` / ``_bwd`` / ``_decode``, so that CI executes it without a GPU.
 moss_kernels/backends.py loads this module only once the extension has loaded.
 """
 
@@ -40,13 +42,15 @@ def _entry_points(fwd, bwd, masks: bool):
 _EXT = _entry_points(torch.ops.moss._ext_linear_fwd, torch.ops.moss._ext_linear_bwd, True)
 _HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
-CPU = Backend("cpu", *_EXT, devices=("cpu",),
+CPU = Backend("cpu", *_EXT, torch.ops.moss._ext_decode, devices=("cpu",),
               dtypes=(torch.float32, torch.float64, torch.bfloat16), preference=1,
               fuses_dropout=True)
-CUDA = Backend("cuda", *_EXT, devices=("cuda",), dtypes=_HALF_AND_SINGLE, preference=1)
+CUDA = Backend("cuda", *_EXT, torch.ops.moss._ext_decode, devices=("cuda",),
+               dtypes=_HALF_AND_SINGLE, preference=1)
 EMULATED = Backend("cuda-emulated", *_entry_points(torch.ops.moss._emulated_linear_fwd,
                                                    torch.ops.moss._emulated_linear_bwd, False),
-                   devices=("cpu",), dtypes=_HALF_AND_SINGLE, emulated=True)
+                   torch.ops.moss._emulated_decode, devices=("cpu",), dtypes=_HALF_AND_SINGLE,
+                   emulated=True)
 
 
 def configure_emulation(max_blocks: int, threads: int, check_writes: bool = False) -> tuple:

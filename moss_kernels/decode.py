@@ -19,25 +19,30 @@ come packed (:func:`pack`, once per generation): ``a_all = [A_t; A_taps]`` (the 
 
 (row, col) = divmod(pos[t], W). Nothing depends on the data's values for its shape or control
 flow: no host sync, the same shapes every step (a CUDA graph can capture it; torch.compile
-compiles it once). On CPU with the compiled extension it is one op, ``moss::_ext_decode``
-(csrc/cpu/decode_cpu.cpp: three GEMVs and a loop, where ~25 PyTorch calls per layer and token
-cost 2.4x PEFT LoRA's decode, #16); elsewhere :func:`reference_decode`, its specification, in
-PyTorch (on a GPU: about ten small kernels per layer; a fused Triton/CUDA decode kernel is
-still to come).
+compiles it once). It is one custom op, ``moss::decode`` (opaque to torch.compile, like the full
+op), which hands the step to its backend's ``decode`` (moss_kernels/backends.py):
+
+* ``reference``: :func:`moss_kernels.reference.decode`, the specification, in PyTorch ops;
+* ``cpu`` and ``cuda``: ``moss::_ext_decode``, one composition (csrc/cuda/decode_impl.h: three
+  GEMVs around the decode_taps kernel, which the CPU runs as one thread); on CPU this replaced
+  ~25 PyTorch calls per layer and token that cost 2.4x PEFT LoRA's decode (#16);
+* ``triton``: cuBLAS products around a Triton taps kernel (moss_kernels/triton/decode.py);
+* ``cuda-emulated``: the CUDA composition and kernel on CPU tensors (tests).
+
+The kernels have no autograd: with gradients on for any input, :func:`moss_decode` runs the
+(differentiable) reference. The ring's dtype is :func:`ring_dtype` of x's: float32 for float16.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ext
-from .reference import stack_down
+from . import backends
+from .reference import decode as reference_decode
+from .reference import ring_dtype, stack_down
 
-__all__ = ["moss_decode", "pack", "ring_size"]
-
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+__all__ = ["moss_decode", "pack", "ring_dtype", "ring_size"]
 
 
 def ring_size(kernel_size: int, width: int) -> int:
@@ -61,48 +66,90 @@ def moss_decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b
 
     Args:
         x: ``[B, D_in]``, one new token per sequence.
-        weight, bias: the frozen layer.
-        a_all, b_cat: the adapters, :func:`pack`'s (R_t and R_i may be 0).
-        ring: ``[B, S, K*K*R_i]``, contiguous, in x's dtype; S may be 0 (no image layout).
+        weight, bias: the frozen layer, in x's dtype.
+        a_all, b_cat: the adapters, :func:`pack`'s (R_t and R_i may be 0), in x's dtype.
+        ring: ``[B, S, K*K*R_i]``, contiguous, in :func:`ring_dtype` of x's; S may be 0 (no
+            image layout), else at least :func:`ring_size`.
         kind: ``[B]`` int8: 0 text, 1 image, -1 neither (padding).
         pos: ``[B]`` int64: an image token's position in its image, row-major.
         width: the images' width W; r_text: R_t; kernel_size: K.
-        backend: ``"reference"`` for :func:`reference_decode`; otherwise the CPU kernel where
-            it runs (CPU tensors of its dtypes, the extension built), else the reference.
-
-    The CPU kernel has no autograd: with gradients on for any input this runs the (differentiable)
-    reference instead.
+        backend: a name of moss_kernels.BACKENDS, or None: chosen as for the full op (the
+            ``MOSS_KERNELS_BACKEND`` variable, else the best that runs on x's device and dtype).
     """
     inputs = (x, weight, bias, a_all, b_cat)
-    if (backend != "reference" and x.device.type == "cpu" and x.dtype in _CPU_DTYPES
-            and _ext.loaded()
-            and not (torch.is_grad_enabled()
-                     and any(t is not None and t.requires_grad for t in inputs))):
-        return torch.ops.moss._ext_decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width,
-                                          r_text, kernel_size)
-    return reference_decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text,
-                            kernel_size)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
+        return reference_decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text,
+                                kernel_size)
+    name = backends.resolve(backend, x.device.type, x.dtype)
+    # Eagerly, straight to the backend: the custom op's Python dispatch costs ~110 us per call on
+    # the dev CPU (3x the CPU step itself, 28 calls per token). torch.compile traces the op.
+    step = decode_op if torch.compiler.is_compiling() else _decode
+    return step(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size, name)
 
 
-def reference_decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text,
-                     kernel_size) -> Tensor:
-    """:func:`moss_decode` in PyTorch ops, on any device and dtype: the specification."""
-    k, r_t = kernel_size, r_text
-    r = b_cat.shape[1] - r_t
-    p = F.linear(x, a_all)  # [B, R_t + K*K*R_i]
-    z_t = torch.where((kind == 0)[:, None], p[:, :r_t], 0)
-    z_i = x.new_zeros(x.shape[0], r)
-    slots = ring.shape[1]
-    if r and slots:
-        batch = torch.arange(x.shape[0], device=x.device)
-        is_image = kind == 1
-        slot = pos % slots
-        ring[batch, slot] = torch.where(is_image[:, None], p[:, r_t:], ring[batch, slot])
-        row, col = pos // width, pos % width
-        for i in range(k):  # causal: offsets -(K-1)..0 in rows and columns
-            for q in range(k):
-                dr, dc, tap = i - (k - 1), q - (k - 1), i * k + q
-                ok = is_image & (row + dr >= 0) & (col + dc >= 0)
-                src = (pos + dr * width + dc) % slots
-                z_i = z_i + torch.where(ok[:, None], ring[batch, src, tap * r:(tap + 1) * r], 0)
-    return F.linear(x, weight, bias) + F.linear(torch.cat([z_t, z_i], dim=1), b_cat)
+@torch.library.custom_op("moss::decode", mutates_args=("ring",))
+def decode_op(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat: Tensor,
+              ring: Tensor, kind: Tensor, pos: Tensor, width: int, r_text: int, kernel_size: int,
+              backend: str) -> Tensor:
+    """:func:`moss_decode` on backend ``backend`` (a resolved name), for torch.compile."""
+    return _decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size,
+                   backend)
+
+
+def _decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size,
+            backend: str) -> Tensor:
+    step = backends.implementation(backend).decode
+    if step is reference_decode:  # the C++ and Triton kernels check their own arguments
+        check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
+    return step(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
+
+
+@decode_op.register_fake
+def _decode_fake(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size,
+                 backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size):
+    """The decode step's arguments, as csrc/cuda/decode_impl.h checks them (for the Python
+    backends): a ValueError or TypeError naming the argument."""
+    def need(ok: bool, error: type[Exception], message: str) -> None:
+        if not ok:
+            raise error(message)
+
+    need(x.dim() == 2, ValueError, f"x: expected [B, D_in], got {tuple(x.shape)}")
+    (b, d_in), k, r_t = x.shape, kernel_size, r_text
+    need(weight.dim() == 2 and weight.shape[1] == d_in, ValueError,
+         f"weight: expected [D_out, {d_in}], got {tuple(weight.shape)}")
+    d_out = weight.shape[0]
+    need(bias is None or tuple(bias.shape) == (d_out,), ValueError, f"bias: expected [{d_out}]")
+    need(width >= 1 and k >= 1 and r_t >= 0, ValueError,
+         f"width, kernel_size: expected >= 1, r_text >= 0; got {width}, {k}, {r_t}")
+    need(a_all.dim() == 2 and a_all.shape[1] == d_in and a_all.shape[0] >= r_t
+         and (a_all.shape[0] - r_t) % (k * k) == 0, ValueError,
+         f"a_all: expected [R_T + K*K*R_I, {d_in}], got {tuple(a_all.shape)}")
+    r_i = (a_all.shape[0] - r_t) // (k * k)
+    need(tuple(b_cat.shape) == (d_out, r_t + r_i), ValueError,
+         f"b_cat: expected [{d_out}, {r_t + r_i}], got {tuple(b_cat.shape)}")
+    need(ring.dim() == 3 and ring.shape[0] == b and (ring.shape[1] == 0
+                                                     or ring.shape[2] == k * k * r_i)
+         and ring.is_contiguous(), ValueError,
+         f"ring: expected a contiguous [{b}, S, {k * k * r_i}] tensor, got {tuple(ring.shape)}")
+    need(ring.shape[1] == 0 or ring.shape[1] >= ring_size(k, width), ValueError,
+         f"ring: expected at least {ring_size(k, width)} slots (ring_size), got {ring.shape[1]}")
+    need(kind.dtype == torch.int8 and tuple(kind.shape) == (b,), TypeError,
+         f"kind: expected an int8 [{b}] tensor, got {kind.dtype} {tuple(kind.shape)}")
+    need(pos.dtype == torch.int64 and tuple(pos.shape) == (b,), TypeError,
+         f"pos: expected an int64 [{b}] tensor, got {pos.dtype} {tuple(pos.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("a_all", a_all), ("b_cat", b_cat)):
+        if t is not None:
+            need(t.dtype == x.dtype and t.device == x.device, TypeError,
+                 f"{name}: expected x's dtype {x.dtype} on {x.device}, got {t.dtype} on "
+                 f"{t.device}")
+    want = ring_dtype(x.dtype)
+    need(ring.dtype == want and ring.device == x.device, TypeError,
+         f"ring: expected {want} on {x.device} (for {x.dtype} inputs), got {ring.dtype} on "
+         f"{ring.device}")
+    need(kind.device == x.device and pos.device == x.device, ValueError,
+         f"kind, pos: expected them on x's device {x.device}")

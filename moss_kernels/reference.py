@@ -1,5 +1,6 @@
-"""Reference backend: the MOSS linear forward and backward in plain PyTorch, the specification
-every other backend is tested against (docs/design.md sections 1 and 3).
+"""Reference backend: the MOSS linear forward and backward, and the decode step, in plain
+PyTorch, the specification every other backend is tested against (docs/design.md sections 1,
+3 and 5).
 
 It follows the rank-space decomposition step for step, every D-wide operation a dense GEMM
 (u is the adapters' input: ``x_adapter`` when given, else x):
@@ -116,4 +117,43 @@ def _b_cat(a: LinearInputs, acc: torch.dtype) -> Tensor:
     return torch.cat([a.text_B.to(acc) * a.text_scale, a.image_B.to(acc) * a.image_scale], dim=1)
 
 
-BACKEND = Backend("reference", forward, backward)
+def ring_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a decode step's ring of tap products for ``dtype`` inputs: float32 for
+    float16 (a tap product can pass 65504 where the layer's output fits, as the full op keeps
+    P in float32 for the same reason), else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat: Tensor,
+           ring: Tensor, kind: Tensor, pos: Tensor, width: int, r_text: int,
+           kernel_size: int) -> Tensor:
+    """One decode step (moss_kernels/decode.py) in PyTorch ops, differentiable, on any device
+    and dtype: the specification. Sums in the accumulation dtype, rounded once to x's dtype; the
+    ring in :func:`ring_dtype`. Shapes and control flow never depend on the data."""
+    k, r_t, acc = kernel_size, r_text, accumulation_dtype(x.dtype)
+    r = b_cat.shape[1] - r_t
+    xa = x.to(acc)
+    p = xa @ a_all.to(acc).t()  # [B, R_t + K*K*R_i]
+    z_t = torch.where((kind == 0)[:, None], p[:, :r_t], 0)
+    z_i = xa.new_zeros(x.shape[0], r)
+    slots = ring.shape[1]
+    if r and slots:
+        batch = torch.arange(x.shape[0], device=x.device)
+        is_image = kind == 1
+        slot = pos % slots
+        mine = p[:, r_t:]
+        ring[batch, slot] = torch.where(is_image[:, None], mine.to(ring.dtype), ring[batch, slot])
+        row, col = pos // width, pos % width
+        for tap in range(k * k):  # causal: row and column offsets -(K-1)..0
+            dr, dc = tap // k - (k - 1), tap % k - (k - 1)
+            ok = is_image & (row + dr >= 0) & (col + dc >= 0)
+            cols = slice(tap * r, (tap + 1) * r)
+            # The token's own tap straight from p (the ring holds it rounded to its dtype).
+            v = mine[:, cols] if tap == k * k - 1 else ring[batch, (pos + dr * width + dc) % slots,
+                                                           cols].to(acc)
+            z_i = z_i + torch.where(ok[:, None], v, 0)
+    y = torch.nn.functional.linear(xa, weight.to(acc), None if bias is None else bias.to(acc))
+    return (y + torch.cat([z_t, z_i], dim=1) @ b_cat.to(acc).t()).to(x.dtype)
+
+
+BACKEND = Backend("reference", forward, backward, decode=decode)

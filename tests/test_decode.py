@@ -1,6 +1,8 @@
-"""moss_decode, the incremental decode step (moss_kernels/decode.py): the CPU kernel against its
-PyTorch specification, token-by-token decoding against the full-sequence op, torch.compile.
-(Decoding through transformers' generate: tests/test_moss_model.py.)"""
+"""moss_decode, the incremental decode step (moss_kernels/decode.py): every backend against its
+PyTorch specification (on this machine's device: without a GPU, ``cpu``, ``cuda-emulated`` and
+``triton`` interpreted), token-by-token decoding against the full-sequence op, torch.compile,
+CUDA graph capture (with a GPU). Decoding through transformers' generate:
+tests/test_moss_model.py; every write of the CUDA kernel exactly once: tests/test_emulated.py."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import pytest
 import torch
 
 import moss_kernels as mk
-from moss_kernels import _ext
-from moss_kernels.decode import moss_decode, pack, reference_decode, ring_size
+from moss_kernels import _ext, backends
+from moss_kernels.decode import moss_decode, pack, reference_decode, ring_dtype, ring_size
+
+from helpers import DEVICE, FUSED, GPU, NATIVE, TOLERANCE, rel_err
 
 needs_ext = pytest.mark.skipif(not _ext.loaded(), reason=f"no moss_kernels._C: {_ext.load_error()}")
 H, W = 4, 5
@@ -33,33 +37,40 @@ def _step(fn, p, x, ring, kind, pos):
               p["image_A"].shape[2])
 
 
-@needs_ext
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+CASES = [(b, d) for b in FUSED for d in (torch.float64, torch.float32, torch.float16,
+                                          torch.bfloat16) if backends.backend(b).supports(d)]
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("k", [1, 2, 3])
-@pytest.mark.parametrize("r_t,r_i", [(3, 4), (0, 4), (3, 0)])
-def test_cpu_kernel_is_the_specification(dtype, k, r_t, r_i, gen):
+@pytest.mark.parametrize("r_t,r_i", [(3, 4), (0, 4), (3, 0), (17, 33)])
+def test_every_backend_is_the_specification(backend, dtype, k, r_t, r_i, gen):
     """y and the updated ring, for a batch of text, image (every grid position, the first row
-    and column included) and padding tokens over a ring of random past tap products."""
+    and column included) and padding tokens over a ring of random past tap products; ranks
+    over a Triton rank block (16) included."""
     b, d_in, d_out = 3 * H * W, 13, 11
     p = _params(gen, d_in, d_out, r_t, r_i, k)
     x = torch.randn(b, d_in, generator=gen, dtype=torch.float64)
     ring = torch.randn(b, ring_size(k, W), k * k * r_i, generator=gen, dtype=torch.float64)
     kind = torch.tensor([1, 0, -1], dtype=torch.int8).repeat_interleave(H * W)
     pos = torch.arange(H * W).repeat(3)
-    want_ring = ring.clone()
+    want_ring = ring.to(ring_dtype(dtype)).double()  # what the backend starts from
     want = _step(reference_decode, p, x, want_ring, kind, pos)
-    got_ring = ring.to(dtype)
-    got = _step(torch.ops.moss._ext_decode, {n: v.to(dtype) for n, v in p.items()}, x.to(dtype),
-                got_ring, kind, pos)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 8e-2}[dtype]  # y ~ O(3)
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-    torch.testing.assert_close(got_ring.double(), want_ring, rtol=tol, atol=tol)
+    got_ring = ring.to(DEVICE, ring_dtype(dtype))
+    on = {n: v.to(DEVICE, dtype) for n, v in p.items()}
+    got = _step(lambda *a: moss_decode(*a, backend=backend), on, x.to(DEVICE, dtype), got_ring,
+                kind.to(DEVICE), pos.to(DEVICE))
+    assert got.dtype == dtype and got_ring.dtype == ring_dtype(dtype)
+    assert rel_err(got.cpu(), want) <= TOLERANCE[dtype]  # (of the largest |value|)
+    assert rel_err(got_ring.cpu(), want_ring) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_decoding_token_by_token_is_the_full_forward(k, gen):
+def test_decoding_token_by_token_is_the_full_forward(backend, k, gen):
     """Two sequences (one left-padded by 3) with text, a whole H x W image and more text,
-    decoded one token per step from an empty ring: each step's y is the full op's row."""
+    decoded one token per step from an empty ring: each step's y is the full op's row (float32
+    on backends without float64)."""
     d_in, d_out = 9, 7
     p = _params(gen, d_in, d_out, 3, 4, k)
     route = [0, 0] + [1] * (H * W) + [0, 0]
@@ -70,14 +81,17 @@ def test_decoding_token_by_token_is_the_full_forward(k, gen):
                                      kernel_size=k)
     x = torch.randn(2, routes.shape[1], d_in, generator=gen, dtype=torch.float64)
     full = mk.moss_linear(x, p["weight"], p["bias"], plan, p["text_A"], p["text_B"],
-                          p["image_A"], p["image_B"], *SCALES)
-    ring = torch.zeros(2, ring_size(k, W), k * k * 4, dtype=torch.float64)
+                          p["image_A"], p["image_B"], *SCALES, backend="reference")
+    dtype = torch.float64 if backends.backend(backend).supports(torch.float64) else torch.float32
+    on = {n: v.to(DEVICE, dtype) for n, v in p.items()}
+    ring = torch.zeros(2, ring_size(k, W), k * k * 4, dtype=dtype, device=DEVICE)
     for t in range(routes.shape[1]):
-        kind = routes[:, t].to(torch.int8)
-        pos = (t - torch.tensor(starts)).clamp(0, H * W - 1)
-        y = _step(moss_decode, p, x[:, t], ring, kind, pos)
-        real = kind >= 0
-        torch.testing.assert_close(y[real], full[real, t], rtol=1e-12, atol=1e-12)
+        kind = routes[:, t].to(DEVICE, torch.int8)
+        pos = (t - torch.tensor(starts)).clamp(0, H * W - 1).to(DEVICE)
+        y = _step(lambda *a: moss_decode(*a, backend=backend), on, x[:, t].to(DEVICE, dtype),
+                  ring, kind, pos)
+        real = (kind >= 0).cpu()
+        assert rel_err(y.cpu()[real], full[real, t]) <= TOLERANCE[dtype]
 
 
 def test_with_gradients_on_the_step_is_differentiable(gen):
@@ -91,36 +105,104 @@ def test_with_gradients_on_the_step_is_differentiable(gen):
     assert a.grad is not None and a.grad.abs().sum() > 0
 
 
-@needs_ext
-def test_decode_compiles_once_for_every_step(gen):
-    """fullgraph, and the second step (other positions, other kinds) without a recompile."""
+@pytest.mark.parametrize("backend", FUSED)
+def test_decode_compiles_once_for_every_step(backend, gen):
+    """fullgraph through the op moss::decode, and the second step (other positions, other
+    kinds) without a recompile."""
     torch._dynamo.reset()
-    p = _params(gen, 8, 6, 2, 3, 2, torch.float32)
-    compiled = torch.compile(lambda *a: _step(moss_decode, p, *a), fullgraph=True, dynamic=False)
-    ring_e = torch.randn(2, ring_size(2, W), 12, generator=gen)
+    p = {n: v.to(DEVICE) for n, v in _params(gen, 8, 6, 2, 3, 2, torch.float32).items()}
+
+    def step(*a):
+        return _step(lambda *b: moss_decode(*b, backend=backend), p, *a)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    ring_e = torch.randn(2, ring_size(2, W), 12, generator=gen).to(DEVICE)
     ring_c = ring_e.clone()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for kind, pos in [([1, 0], [6, 0]), ([0, 1], [0, 7])]:
-            x = torch.randn(2, 8, generator=gen)
-            kind, pos = torch.tensor(kind, dtype=torch.int8), torch.tensor(pos)
-            want = _step(moss_decode, p, x, ring_e, kind, pos)
+            x = torch.randn(2, 8, generator=gen).to(DEVICE)
+            kind = torch.tensor(kind, dtype=torch.int8, device=DEVICE)
+            pos = torch.tensor(pos, device=DEVICE)
+            want = step(x, ring_e, kind, pos)
             torch.testing.assert_close(compiled(x, ring_c, kind, pos), want)
             torch.testing.assert_close(ring_c, ring_e)
 
 
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_opcheck(backend, gen):
+    """The op torch.compile traces (moss::decode): schema (the ring mutated, nothing else),
+    fake tensor, autograd registration, AOT dispatch."""
+    from moss_kernels.decode import decode_op
+
+    p = {n: v.to(DEVICE) for n, v in _params(gen, 8, 6, 2, 3, 2, torch.float32).items()}
+    packed = pack(p["text_A"], p["text_B"], p["image_A"], p["image_B"], *SCALES)
+    ring = torch.randn(2, ring_size(2, W), 12, generator=gen).to(DEVICE)
+    kind = torch.tensor([1, 0], dtype=torch.int8, device=DEVICE)
+    pos = torch.tensor([6, 0], device=DEVICE)
+    torch.library.opcheck(decode_op, (torch.randn(2, 8, generator=gen).to(DEVICE), p["weight"],
+                                      p["bias"], *packed, ring, kind, pos, W, 2, 2, backend))
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", NATIVE)
+def test_a_decode_step_is_captured_in_a_cuda_graph(backend, gen):
+    """Captured once, replayed for steps at other positions and kinds (new values copied into
+    the static inputs): the same y and ring as the eager reference, i.e. nothing in the step
+    reads the data on the host or allocates differently per step."""
+    p = {n: v.cuda() for n, v in _params(gen, 64, 48, 4, 8, 2, torch.float32).items()}
+    b = 3
+    x = torch.zeros(b, 64, device="cuda")
+    kind = torch.zeros(b, dtype=torch.int8, device="cuda")
+    pos = torch.zeros(b, dtype=torch.int64, device="cuda")
+    ring = torch.zeros(b, ring_size(2, W), 4 * 8, device="cuda")
+    want_ring = ring.clone()
+
+    def step():
+        return _step(lambda *a: moss_decode(*a, backend=backend), p, x, ring, kind, pos)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up (Triton compiles, cuBLAS picks its kernels) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    ring.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    for t in range(H * W):
+        x.copy_(torch.randn(b, 64, generator=gen))
+        kind.copy_(torch.tensor([1, 0 if t % 3 else -1, 1], dtype=torch.int8))
+        pos.copy_(torch.tensor([t, 0, (t * 7) % (H * W)]))
+        graph.replay()
+        want = _step(reference_decode, p, x, want_ring, kind, pos)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ring, want_ring, rtol=1e-4, atol=1e-4)
+
+
 @needs_ext
-def test_cpu_kernel_names_bad_arguments(gen):
+def test_kernels_name_bad_arguments(gen):
+    """The C++ op (cpu) raises RuntimeErrors, moss_decode on the Python backends ValueErrors
+    and TypeErrors, each naming the argument."""
     p = _params(gen, 8, 6, 2, 3, 2, torch.float32)
     x, ring = torch.randn(2, 8), torch.zeros(2, ring_size(2, W), 12)
     kind, pos = torch.tensor([1, 0], dtype=torch.int8), torch.tensor([3, 0])
-    for bad, match in [
-        (dict(kind=kind.long()), "kind: expected a contiguous int8"),
-        (dict(pos=pos.int()), "pos: expected a contiguous int64"),
-        (dict(ring=ring[:, :, :5]), r"ring: expected a contiguous \[2, S, 12\]"),
-        (dict(pos=pos[:1]), r"pos: expected a contiguous int64 \[2\]"),
-        (dict(x=x.double()), "x's dtype"),
+    for bad, match, error in [
+        (dict(kind=kind.long()), "kind: expected a contiguous int8|kind: expected an int8",
+         TypeError),
+        (dict(pos=pos.int()), "pos: expected a contiguous int64|pos: expected an int64",
+         TypeError),
+        (dict(ring=ring[:, :, :5]), r"ring: expected a contiguous \[2, S, 12\]", ValueError),
+        (dict(ring=ring[:, :W].contiguous()),
+         r"ring: expected at least 7 slots \(ring_size\), got 5", ValueError),
+        (dict(ring=ring.double()), "ring: expected (Float|torch.float32) on cpu",
+         TypeError),
+        (dict(pos=pos[:1]), r"pos: expected a contiguous int64 \[2\]|pos: expected an int64 "
+                            r"\[2\]", TypeError),
+        (dict(x=x.double()), "x's dtype", TypeError),
     ]:
         args = dict(x=x, ring=ring, kind=kind, pos=pos) | bad
+        call = (args["x"], args["ring"], args["kind"], args["pos"])
         with pytest.raises(RuntimeError, match=match):
-            _step(torch.ops.moss._ext_decode, p, args["x"], args["ring"], args["kind"],
-                  args["pos"])
+            _step(torch.ops.moss._ext_decode, p, *call)
+        with pytest.raises(error, match=match):
+            _step(lambda *a: moss_decode(*a, backend="reference"), p, *call)

@@ -62,3 +62,27 @@ def test_launch_settings_round_trip_and_are_checked():
     with pytest.raises(RuntimeError, match="max_blocks and threads: expected >= 1"):
         configure_emulation(0, 3, False)
     assert configure_emulation(*default) == default
+
+
+@pytest.mark.parametrize("blocks,threads", [(1, 1), (3, 7), (1, 256)])
+def test_every_decode_output_is_written_by_exactly_one_thread(blocks, threads, launch, gen):
+    """The decode step's kernel (z; each thread also writes its column of the ring slot) under
+    the same check, and its result the reference's, for text, image and padding rows."""
+    from moss_kernels.decode import moss_decode, pack, ring_size
+    from moss_kernels.reference import decode as reference_decode
+
+    launch(blocks, threads, check_writes=True)
+    b, d_in, d_out, r_t, r_i, k, w = 12, 7, 5, 3, 4, 2, 3
+    rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    packed = pack(rand(r_t, d_in), rand(d_out, r_t), rand(r_i, d_in, k, k), rand(d_out, r_i),
+                  1.5, 0.5)
+    x, weight, bias = rand(b, d_in), rand(d_out, d_in), rand(d_out)
+    ring = rand(b, ring_size(k, w), k * k * r_i)
+    kind = torch.tensor([1, 0, -1, 1] * 3, dtype=torch.int8)
+    pos = torch.arange(b) % 9
+    want_ring = ring.clone()
+    want = reference_decode(x, weight, bias, *packed, want_ring, kind, pos, w, r_t, k)
+    got = moss_decode(x, weight, bias, *packed, ring, kind, pos, w, r_t, k,
+                      backend="cuda-emulated")
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ring, want_ring)

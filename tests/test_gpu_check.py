@@ -1,6 +1,6 @@
 """bench/gpu_check.sh, the one prepared run for a lent GPU, in its CPU dry run: every step's
 logic runs (smoke test on the CPU's fused backends, a test subset under xdist and timeouts, a
-small benchmark with its roofline), and the summary closes the output."""
+small benchmark with its roofline, the model benchmark), and the summary closes the output."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"env": "pass", "build": "pass", "smoke": "pass", "smoke-memcheck": "skipped",
-         "smoke-large": "skipped", "tests": "pass", "bench": "pass"}
+         "smoke-large": "skipped", "tests": "pass", "bench": "pass", "model": "pass"}
 
 
 def test_the_dry_run_passes_every_step_and_ends_with_the_summary(tmp_path):
@@ -24,5 +24,5 @@ def test_the_dry_run_passes_every_step_and_ends_with_the_summary(tmp_path):
     assert (tmp_path / "summary.txt").read_text().splitlines() == summary[1:]
     # At most 8 files: what the device tool brings back.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "bench.log", "build.log", "env.txt", "moss_bench_cpu.csv", "smoke.log", "summary.txt",
-        "tests.log"]
+        "bench.log", "build.log", "env.txt", "moss_bench_cpu.csv", "moss_bench_model_cpu.csv",
+        "smoke.log", "summary.txt", "tests.log"]

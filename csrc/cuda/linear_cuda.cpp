@@ -1,5 +1,6 @@
-// The CUDA backend of moss::_ext_linear_fwd / _ext_linear_bwd: linear_impl.h's composition on
-// the GPU (cuBLAS GEMMs through ATen, the kernels of route_cuda.cu), and its registration.
+// The CUDA backend of moss::_ext_linear_fwd / _ext_linear_bwd and of the decode step
+// moss::_ext_decode: linear_impl.h's and decode_impl.h's compositions on the GPU (cuBLAS GEMMs
+// through ATen, the kernels of route_cuda.cu), and their registration.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -8,6 +9,7 @@
 #include <limits>
 #include <string>
 
+#include "decode_impl.h"
 #include "linear_impl.h"
 #include "route_cuda.h"
 
@@ -58,6 +60,11 @@ struct CudaDev {
   void poison(at::Tensor& out, const at::Tensor& route, const at::Tensor& bad) const {
     poison_cuda(out, route, bad);
   }
+  void decode_taps(const at::Tensor& p, at::Tensor& ring, const at::Tensor& kind,
+                   const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k,
+                   at::Tensor& z) const {
+    decode_taps_cuda(p, ring, kind, pos, width, r_t, k, z);
+  }
 };
 
 // The ops' schemas carry a dropout mask for the CPU kernels; moss_kernels hands the CUDA backend
@@ -97,6 +104,7 @@ composition::Grads backward_cuda(
 TORCH_LIBRARY_IMPL(moss, CUDA, m) {
   m.impl("_ext_linear_fwd", &forward_cuda);
   m.impl("_ext_linear_bwd", &backward_cuda);
+  m.impl("_ext_decode", &composition::decode_op<CudaDev>);
 }
 
 }  // namespace moss

@@ -49,4 +49,10 @@ void poison_cuda(at::Tensor& out, const at::Tensor& route, const at::Tensor& bad
   poison(CudaLaunch{}, out, route, bad);
 }
 
+void decode_taps_cuda(const at::Tensor& p, at::Tensor& ring, const at::Tensor& kind,
+                      const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k,
+                      at::Tensor& z) {
+  decode_taps(CudaLaunch{}, p, ring, kind, pos, width, r_t, k, z);
+}
+
 }  // namespace moss

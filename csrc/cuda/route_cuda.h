@@ -15,5 +15,8 @@ void pack_up_cuda(const at::Tensor& text_B, const at::Tensor& image_B, at::Tenso
 void pack_down_cuda(const at::Tensor& text_A, const at::Tensor& image_A, at::Tensor& a_all,
                     at::Tensor& bad);
 void poison_cuda(at::Tensor& out, const at::Tensor& route, const at::Tensor& bad);
+void decode_taps_cuda(const at::Tensor& p, at::Tensor& ring, const at::Tensor& kind,
+                      const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k,
+                      at::Tensor& z);
 
 }  // namespace moss

@@ -1,8 +1,9 @@
-// The `cuda-emulated` test backend: the CUDA backend's own source (csrc/cuda/linear_impl.h and
-// the kernels of route_kernels.cuh) compiled by the host compiler and run on CPU tensors, one
-// (block, thread) at a time, so that CI executes every line of it without a GPU. What differs
-// from the GPU is only this file: the launcher, a guard that does nothing, fp32-accumulating
-// products done as fp32 GEMMs, and outputs poisoned with NaN before the kernels write them.
+// The `cuda-emulated` test backend: the CUDA backend's own source (csrc/cuda/linear_impl.h,
+// decode_impl.h and the kernels of route_kernels.cuh) compiled by the host compiler and run on
+// CPU tensors, one (block, thread) at a time, so that CI executes every line of it without a
+// GPU. What differs from the GPU is only this file: the launcher, a guard that does nothing,
+// fp32-accumulating products done as fp32 GEMMs, and outputs poisoned with NaN before the
+// kernels write them.
 //
 // The launcher runs a grid of at most `max_blocks` blocks of `threads` threads (small by default,
 // so that the grid-stride loops take several strides), and with `check_writes` it first runs
@@ -17,17 +18,10 @@
 #include <limits>
 #include <mutex>
 
+#include "../cuda/decode_impl.h"
 #include "../cuda/linear_impl.h"
 #include "emulated.h"
-
-// The kernels and their launchers, compiled here as host code, inside a namespace of their own:
-// their symbols then differ from the host stubs nvcc makes for the same kernels in the GPU build
-// (which live in this library too), so a linker can never take one for the other. Every header
-// they include is included above, so only their own declarations land in it.
-namespace emulation {
-#include "cuda_shim.h"  // before the kernels
-#include "../cuda/route_launch.h"
-}  // namespace emulation
+#include "host_kernels.h"
 
 namespace moss {
 namespace {
@@ -122,6 +116,11 @@ struct EmulatedDev {
   void poison(at::Tensor& out, const at::Tensor& route, const at::Tensor& bad) const {
     emulation::moss::poison(EmulatedLaunch{}, out, route, bad);
   }
+  void decode_taps(const at::Tensor& p, at::Tensor& ring, const at::Tensor& kind,
+                   const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k,
+                   at::Tensor& z) const {
+    emulation::moss::decode_taps(EmulatedLaunch{}, p, ring, kind, pos, width, r_t, k, z);
+  }
 };
 
 }  // namespace
@@ -138,6 +137,7 @@ std::vector<int64_t> emulated_configure(int64_t max_blocks, int64_t threads, boo
 TORCH_LIBRARY_IMPL(moss, CPU, m) {
   m.impl("_emulated_linear_fwd", &composition::forward_op<EmulatedDev>);
   m.impl("_emulated_linear_bwd", &composition::backward_op<EmulatedDev>);
+  m.impl("_emulated_decode", &composition::decode_op<EmulatedDev>);
 }
 
 }  // namespace moss

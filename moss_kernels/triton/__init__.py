@@ -55,6 +55,7 @@ from torch import Tensor
 
 from ..backends import Backend, Grads, LinearInputs, Needs
 from ..reference import split_down, stack_down
+from .decode import decode
 from .gemm import INTERPRET, launch_gemm
 from .pack import pack_down, pack_up
 from .route import route_backward, route_forward
@@ -128,7 +129,7 @@ def backward(a: LinearInputs, dy: Tensor, z: Tensor, needs: Needs) -> Grads:
 
 # Under the interpreter (CPU tensors) it is correct but slow, so `auto` and moss bench skip it,
 # and it refuses bf16, which the interpreter's dot computes wrongly (docs/design.md section 8).
-BACKEND = Backend("triton", forward, backward,
+BACKEND = Backend("triton", forward, backward, decode,
                   devices=("cuda", "cpu") if INTERPRET else ("cuda",),
                   dtypes=(torch.float16, torch.float32) if INTERPRET else (
                       torch.float16, torch.bfloat16, torch.float32),

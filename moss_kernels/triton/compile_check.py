@@ -12,8 +12,8 @@ GPU machine's, .ci/triton_compile) instead. What a launch compiles is compiled:
   and ``odd`` (none of that: odd sizes, views);
 * with the launch's warps and stages: the GEMM's launch config (the one used without
   autotuning) and, for its widest operands (fp32) and for bf16, every autotune config;
-  Triton's defaults (4 warps, 3 stages) for the routing and packing kernels, launched without
-  options;
+  Triton's defaults (4 warps, 3 stages) for the routing, packing and decode kernels, launched
+  without options;
 * and every result's shared memory is checked against sm_90's 232,448 bytes per block (a
   config over it fails at launch: OutOfResources), and each GEMM config's against the figure
   the autotuner prunes by (gemm.shared_bytes): a config that would not fit is not compiled but
@@ -159,12 +159,25 @@ def pack_cases(all_configs: bool):
                    dict(consts, KK=kk), (), {}, SPECIALISATIONS, None)
 
 
+def decode_cases(all_configs: bool):
+    from .decode import _decode_taps_kernel
+
+    for dtype, k, block_r in itertools.product(DTYPES, (1, 2, 3), (16, 32, 64)):
+        if not (all_configs or block_r == 16 or (dtype == "bf16" and k == 3)):
+            continue
+        rank = "fp32" if dtype == "fp16" else dtype  # P and the ring: ring_dtype
+        types = {"p_ptr": f"*{rank}", "ring_ptr": f"*{rank}", "kind_ptr": "*i8",
+                 "pos_ptr": "*i64", "z_ptr": "*fp32"}
+        yield (f"_decode_taps_kernel[{dtype} K={k} BLOCK_R={block_r}]", _decode_taps_kernel,
+               types, dict(K=k, BLOCK_R=block_r), (), {}, SPECIALISATIONS, None)
+
+
 @functools.cache  # each worker builds the list once, not once per job
 def cases(all_configs: bool) -> list[tuple]:
     """``(name, kernel, types, constexprs, unit strides, options, specialisation, expected
     shared bytes or None)``, one per compile."""
     found = itertools.chain(gemm_cases(all_configs), route_cases(all_configs),
-                            pack_cases(all_configs))
+                            pack_cases(all_configs), decode_cases(all_configs))
     return [(*case[:6], spec, case[7]) for case in found for spec in case[6]]
 
 
