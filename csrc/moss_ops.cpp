@@ -77,7 +77,7 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
   // place (csrc/cuda/decode_impl.h, for CPU and CUDA; the math: moss_kernels/decode.py).
   m.def(
       "_ext_decode(Tensor x, Tensor weight, Tensor? bias, Tensor a_all, Tensor b_cat, "
-      "Tensor(a!) ring, Tensor kind, Tensor pos, int width, int r_text, int kernel_size) "
+      "Tensor(a!) ring, Tensor kind, Tensor pos, Tensor width, int r_text, int kernel_size) "
       "-> Tensor");
   // The `cuda-emulated` test backend (csrc/emulated/): the CUDA backend's source run on CPU
   // tensors, under ops of its own (the schemas above), and its launch settings.
@@ -93,7 +93,7 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_emulated_decode(Tensor x, Tensor weight, Tensor? bias, Tensor a_all, Tensor b_cat, "
-      "Tensor(a!) ring, Tensor kind, Tensor pos, int width, int r_text, int kernel_size) "
+      "Tensor(a!) ring, Tensor kind, Tensor pos, Tensor width, int r_text, int kernel_size) "
       "-> Tensor");
   m.def("_emulated_configure(int max_blocks, int threads, bool check_writes) -> int[]",
         &emulated_configure);

@@ -46,6 +46,7 @@ class DecodeStep:
     kind: torch.Tensor  # [T, B] int8: each new token is text (0), image (1) or padding (-1)
     pos: torch.Tensor  # [T, B] int64: its position in its image (valid for image tokens)
     grid: tuple[int, int]
+    width: torch.Tensor  # [B] int64: each sequence's image width (the decode op's per row)
 
 
 class Routing:
@@ -131,7 +132,8 @@ class Router:
         self.run, self.undo, self.seeds = runs[-1], {}, {}
         self.history = runs if t > 1 else runs[-1:]
         kind = torch.where(is_img, 1, torch.where(pad, -1, 0)).to(torch.int8)
-        self.step = DecodeStep(kind.t().contiguous(), torch.stack(pos), (h, w))
+        self.step = DecodeStep(kind.t().contiguous(), torch.stack(pos), (h, w),
+                               torch.full_like(self.run, w))
 
     def end(self):
         self.mode, self.current, self.step, self.fill = None, None, None, False

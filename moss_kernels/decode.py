@@ -14,10 +14,12 @@ come packed (:func:`pack`, once per generation): ``a_all = [A_t; A_taps]`` (the 
     y[t]      += s_t B_t P[t, :R_t]                                      kind[t] == 0 (text)
     ring[t, pos[t] % S] = P[t, R_t:]                                     kind[t] == 1 (image)
     z[t]       = sum over taps (p, q) with row + p - K + 1 >= 0 and col + q - K + 1 >= 0 of
-                 ring[t, (pos[t] + (p - K + 1) W + q - K + 1) % S, tap (p, q)'s R_i columns]
+                 ring[t, (pos[t] + (p - K + 1) W[t] + q - K + 1) % S, tap (p, q)'s R_i columns]
     y[t]      += s_i B_i z[t]
 
-(row, col) = divmod(pos[t], W). Nothing depends on the data's values for its shape or control
+(row, col) = divmod(pos[t], W[t]): each sequence's image has its own width (Emu3 sizes each
+image; rows separated by other tokens are fine, those tokens are text steps), and S must be at
+least ring_size(K, W[t]) for every t. Nothing depends on the data's values for its shape or control
 flow: no host sync, the same shapes every step (a CUDA graph can capture it; torch.compile
 compiles it once). It is one custom op, ``moss::decode`` (opaque to torch.compile, like the full
 op), which hands the step to its backend's ``decode`` (moss_kernels/backends.py):
@@ -60,7 +62,7 @@ def pack(text_A: Tensor, text_B: Tensor, image_A: Tensor, image_B: Tensor, text_
 
 
 def moss_decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat: Tensor,
-                ring: Tensor, kind: Tensor, pos: Tensor, width: int, r_text: int,
+                ring: Tensor, kind: Tensor, pos: Tensor, width: Tensor | int, r_text: int,
                 kernel_size: int, backend: str | None = None) -> Tensor:
     """One decode step (the module docstring): ``y [B, D_out]``; ``ring`` is updated in place.
 
@@ -72,11 +74,14 @@ def moss_decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b
             image layout), else at least :func:`ring_size`.
         kind: ``[B]`` int8: 0 text, 1 image, -1 neither (padding).
         pos: ``[B]`` int64: an image token's position in its image, row-major.
-        width: the images' width W; r_text: R_t; kernel_size: K.
+        width: ``[B]`` int64, the width of each sequence's image (an int: the same for all);
+        r_text: R_t; kernel_size: K.
         backend: a name of moss_kernels.BACKENDS, or None: chosen as for the full op (the
             ``MOSS_KERNELS_BACKEND`` variable, else the best that runs on x's device and dtype).
     """
     inputs = (x, weight, bias, a_all, b_cat)
+    if isinstance(width, int):
+        width = torch.full((x.shape[0],), width, device=x.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
         return reference_decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text,
@@ -90,8 +95,8 @@ def moss_decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b
 
 @torch.library.custom_op("moss::decode", mutates_args=("ring",))
 def decode_op(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat: Tensor,
-              ring: Tensor, kind: Tensor, pos: Tensor, width: int, r_text: int, kernel_size: int,
-              backend: str) -> Tensor:
+              ring: Tensor, kind: Tensor, pos: Tensor, width: Tensor, r_text: int,
+              kernel_size: int, backend: str) -> Tensor:
     """:func:`moss_decode` on backend ``backend`` (a resolved name), for torch.compile."""
     return _decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size,
                    backend)
@@ -124,8 +129,8 @@ def check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, ke
          f"weight: expected [D_out, {d_in}], got {tuple(weight.shape)}")
     d_out = weight.shape[0]
     need(bias is None or tuple(bias.shape) == (d_out,), ValueError, f"bias: expected [{d_out}]")
-    need(width >= 1 and k >= 1 and r_t >= 0, ValueError,
-         f"width, kernel_size: expected >= 1, r_text >= 0; got {width}, {k}, {r_t}")
+    need(k >= 1 and r_t >= 0, ValueError,
+         f"kernel_size: expected >= 1, r_text >= 0; got {k}, {r_t}")
     need(a_all.dim() == 2 and a_all.shape[1] == d_in and a_all.shape[0] >= r_t
          and (a_all.shape[0] - r_t) % (k * k) == 0, ValueError,
          f"a_all: expected [R_T + K*K*R_I, {d_in}], got {tuple(a_all.shape)}")
@@ -136,8 +141,6 @@ def check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, ke
                                                      or ring.shape[2] == k * k * r_i)
          and ring.is_contiguous(), ValueError,
          f"ring: expected a contiguous [{b}, S, {k * k * r_i}] tensor, got {tuple(ring.shape)}")
-    need(ring.shape[1] == 0 or ring.shape[1] >= ring_size(k, width), ValueError,
-         f"ring: expected at least {ring_size(k, width)} slots (ring_size), got {ring.shape[1]}")
     need(kind.dtype == torch.int8 and tuple(kind.shape) == (b,), TypeError,
          f"kind: expected an int8 [{b}] tensor, got {kind.dtype} {tuple(kind.shape)}")
     need(pos.dtype == torch.int64 and tuple(pos.shape) == (b,), TypeError,
@@ -151,5 +154,18 @@ def check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, ke
     need(ring.dtype == want and ring.device == x.device, TypeError,
          f"ring: expected {want} on {x.device} (for {x.dtype} inputs), got {ring.dtype} on "
          f"{ring.device}")
-    need(kind.device == x.device and pos.device == x.device, ValueError,
-         f"kind, pos: expected them on x's device {x.device}")
+    need(isinstance(width, Tensor) and width.dtype == torch.int64
+         and tuple(width.shape) == (b,), TypeError,
+         f"width: expected an int64 [{b}] tensor, got {_describe(width)}")
+    need(kind.device == x.device and pos.device == x.device and width.device == x.device,
+         ValueError, f"kind, pos, width: expected them on x's device {x.device}")
+    if width.device.type == "cpu" and b:  # values where they are on the host (no device sync)
+        need(bool((width >= 1).all()), ValueError, f"width: expected values >= 1, got {width}")
+        widest = int(width.max())
+        need(ring.shape[1] == 0 or ring.shape[1] >= ring_size(k, widest), ValueError,
+             f"ring: expected at least {ring_size(k, widest)} slots (ring_size for the widest "
+             f"image, {widest}), got {ring.shape[1]}")
+
+
+def _describe(t) -> str:
+    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__

@@ -125,7 +125,7 @@ def ring_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat: Tensor,
-           ring: Tensor, kind: Tensor, pos: Tensor, width: int, r_text: int,
+           ring: Tensor, kind: Tensor, pos: Tensor, width: Tensor, r_text: int,
            kernel_size: int) -> Tensor:
     """One decode step (moss_kernels/decode.py) in PyTorch ops, differentiable, on any device
     and dtype: the specification. Sums in the accumulation dtype, rounded once to x's dtype; the
@@ -143,6 +143,7 @@ def decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat:
         slot = pos % slots
         mine = p[:, r_t:]
         ring[batch, slot] = torch.where(is_image[:, None], mine.to(ring.dtype), ring[batch, slot])
+        width = width.clamp(min=1)
         row, col = pos // width, pos % width
         for tap in range(k * k):  # causal: row and column offsets -(K-1)..0
             dr, dc = tap // k - (k - 1), tap % k - (k - 1)

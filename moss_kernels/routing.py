@@ -68,7 +68,8 @@ class RoutingPlan:
 
     @property
     def images(self) -> Tensor:
-        """``[n_img, 3] int64`` rows ``(start, height, width)``, sorted by start."""
+        """``[n_img, 3] int64`` rows ``(start, height, width)``, sorted by start; ``[n_img, 4]``
+        with each ``row_stride`` when the plan was made with strides."""
         if self._images is None:
             t = torch.arange(self.num_tokens, device=self.device)
             first = (self.route == ROUTE_IMAGE) & (self._image_start == t)
@@ -108,8 +109,15 @@ class RoutingPlan:
 
         Args:
             route: ``[N]`` or ``[B, T]`` integer tensor of -1 (padding), 0 (text), 1 (image).
-            images: ``[n_img, 3]`` rows ``(start, height, width)``, ``start`` a flat token index
-                (``b*T + t`` for ``[B, T]``); any order.
+            images: ``[n_img, 3]`` rows ``(start, height, width)``, or ``[n_img, 4]`` rows
+                ``(start, height, width, row_stride)``, ``start`` a flat token index (``b*T + t``
+                for ``[B, T]``); any order. Token (r, c) of an image is at ``start + r *
+                row_stride + c`` (``row_stride`` defaults to the width): a stride larger than
+                the width describes rows separated by other tokens (Emu3's end-of-line, Lumina's
+                row separators), which must not be image tokens; the convolution runs over the
+                H x W image tokens only. An image is present up to its first missing token (a
+                position of its grid that is not an image token, or the sequence's end):
+                images being generated end inside a row.
             kernel_size: K of the K x K image convolution, >= 1.
             causal: top/left window (exact for autoregressive generation) or centred.
             cu_seqlens: for a flat ``[N]`` layout that packs several sequences, their cumulative
@@ -129,11 +137,13 @@ class RoutingPlan:
         images = _integers("images", images, device)
         if images.numel() == 0:
             images = images.reshape(0, 3)
-        if images.dim() != 2 or images.shape[1] != 3:
+        if images.dim() != 2 or images.shape[1] not in (3, 4):
             raise ValueError(
-                f"images: expected shape [n_img, 3] with rows (start, height, width), got "
+                f"images: expected shape [n_img, 3] with rows (start, height, width), or "
+                f"[n_img, 4] with rows (start, height, width, row_stride), got "
                 f"{tuple(images.shape)}"
             )
+        strided = images.shape[1] == 4
         shape = tuple(route.shape)
         # int64, so that -1 compares as -1 whatever the caller's integer type (uint8 included).
         flat = route.reshape(-1).long()
@@ -147,19 +157,31 @@ class RoutingPlan:
         is_img = flat == ROUTE_IMAGE
         t = torch.arange(n, device=device)
         order = torch.argsort(images[:, 0], stable=True)
-        start_s, h_s, w_s = images[order].t().contiguous()
-        run_end = _run_ends(is_img, seq_end)
-        length_s = torch.minimum(h_s * w_s, run_end[start_s.clamp(0, max(n - 1, 0))] - start_s)
-
+        start_s, h_s, w_s = images[order, :3].t().contiguous()
+        stride_s = images[order, 3].contiguous() if strided else w_s
         if images.shape[0] == 0:
             covered = torch.zeros_like(is_img)
             tok_start = tok_len = t
-            tok_h = tok_w = torch.ones_like(t)
+            tok_h = tok_w = tok_stride = torch.ones_like(t)
+            length_s = start_s
         else:
             idx = torch.searchsorted(start_s, t, right=True) - 1  # last image starting at <= t
             safe = idx.clamp(min=0)
-            tok_start, tok_len, tok_h, tok_w = start_s[safe], length_s[safe], h_s[safe], w_s[safe]
-            covered = (idx >= 0) & (t < tok_start + tok_len)
+            pos = t - start_s[safe]
+            span = (h_s - 1) * stride_s + w_s  # from the first token to the last, separators in
+            # Within its span a token is on the image's grid when its column is under the width.
+            on_grid = (idx >= 0) & (pos < span[safe]) & (pos % stride_s[safe] < w_s[safe])
+            # An image is present up to its first grid position that is not an image token (of
+            # the tokens its span owns: a later image's tokens are that image's), or its
+            # sequence's end. Without separators: the end of its run of image tokens.
+            missing = torch.where(on_grid & ~is_img, pos, n)
+            first_missing = torch.full_like(start_s, n).scatter_reduce(
+                0, safe, missing, "amin")
+            seq_left = seq_end[start_s.clamp(0, max(n - 1, 0))] - start_s
+            length_s = torch.minimum(torch.minimum(span, first_missing), seq_left)
+            tok_start, tok_len = start_s[safe], length_s[safe]
+            tok_h, tok_w, tok_stride = h_s[safe], w_s[safe], stride_s[safe]
+            covered = on_grid & (pos < tok_len)
 
         if validate:
             _check_span_starts(flat, shape, images)
@@ -167,11 +189,12 @@ class RoutingPlan:
             _check_covered(is_img, covered, shape)
 
         nbr, nbr_t = _window_tables(
-            is_img & covered, tok_start, tok_len, tok_h, tok_w, kernel_size, causal
+            is_img & covered, tok_start, tok_len, tok_h, tok_w, kernel_size, causal, tok_stride
         )
+        table = [start_s, h_s, w_s] + ([stride_s] if strided else [])
         return cls(
             flat.to(torch.int8), nbr, nbr_t, kernel_size, causal, shape,
-            images=torch.stack([start_s, h_s, w_s], dim=1),
+            images=torch.stack(table, dim=1),
         )
 
     @classmethod
@@ -248,24 +271,27 @@ class RoutingPlan:
 # ---------------------------------------------------------------------- construction helpers
 def _window_tables(
     is_img: Tensor, start: Tensor, length: Tensor, height: Tensor, width: Tensor,
-    k: int, causal: bool,
+    k: int, causal: bool, stride: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``nbr``/``nbr_t`` from each token's image geometry (values of non-image tokens ignored).
 
-    All inputs ``[N]``; ``start``/``length`` the token's image span, ``height``/``width`` its grid.
+    All inputs ``[N]``; ``start``/``length`` the token's image span (``length`` counts the
+    separators between rows), ``height``/``width`` its grid, ``stride`` the tokens from one
+    row's start to the next's (default: the width).
     """
     n, kk = is_img.numel(), k * k
     device = is_img.device
     t = torch.arange(n, device=device)
     width = width.clamp(min=1)
+    stride = width if stride is None else stride.clamp(min=1)
     pos = t - start
-    row, col = pos // width, pos % width
+    row, col = pos // stride, pos % stride
     off = torch.arange(k, device=device) - (k - 1 if causal else (k - 1) // 2)
     d_row = off.view(k, 1).expand(k, k).reshape(1, kk)  # tap = p*K + q
     d_col = off.view(1, k).expand(k, k).reshape(1, kk)
     r = row[:, None] + d_row  # [N, KK]
     c = col[:, None] + d_col
-    src_pos = r * width[:, None] + c
+    src_pos = r * stride[:, None] + c
     valid = (
         is_img[:, None] & (r >= 0) & (r < height[:, None]) & (c >= 0) & (c < width[:, None])
         & (src_pos < length[:, None])
@@ -376,6 +402,12 @@ def _check_spans_in_range(images: Tensor, n: int) -> None:
         raise ValueError(
             f"images[{i}] = {images[i].tolist()}: height and width must be >= 1"
         )
+    if images.shape[1] == 4 and bool((images[:, 3] < images[:, 2]).any()):
+        i = _first(images[:, 3] < images[:, 2])
+        raise ValueError(
+            f"images[{i}] = {images[i].tolist()}: row_stride must be >= the width (the tokens "
+            f"from one row's start to the next's: the width plus any separators)"
+        )
     bad_start = (images[:, 0] < 0) | (images[:, 0] >= n)
     if bool(bad_start.any()):
         i = _first(bad_start)
@@ -415,5 +447,6 @@ def _check_covered(is_img: Tensor, covered: Tensor, shape) -> None:
         i = _first(stray)
         raise ValueError(
             f"route{_index(i, shape)} is an image token outside every image span (an image "
-            f"holds at most height*width tokens and never crosses a sequence boundary)"
+            f"holds at most height*width tokens, none between its rows when they have a "
+            f"row_stride, and never crosses a sequence boundary)"
         )

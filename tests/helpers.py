@@ -67,6 +67,9 @@ class Layout:
     route: list[int]  # flat
     images: list[tuple[int, int, int, int]] = field(default_factory=list)  # start, H, W, present
     cu_seqlens: list[int] | None = None
+    # Per image, the tokens from one row's start to the next's (rows separated by text tokens);
+    # None: every image's width (no separators)
+    strides: list[int] | None = None
 
     @property
     def n(self) -> int:
@@ -76,11 +79,24 @@ class Layout:
         return torch.tensor(self.route, dtype=torch.int64).reshape(self.shape)
 
     def spans(self) -> torch.Tensor:
-        return torch.tensor([im[:3] for im in self.images], dtype=torch.int64).reshape(-1, 3)
+        if self.strides is None:
+            return torch.tensor([im[:3] for im in self.images], dtype=torch.int64).reshape(-1, 3)
+        rows = [(*im[:3], s) for im, s in zip(self.images, self.strides)]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+
+    def grid_tokens(self, i: int) -> list[int]:
+        """Image ``i``'s present tokens, row-major: position p of its grid is token
+        ``start + (p // W) * stride + p % W``."""
+        start, _, w, present = self.images[i]
+        stride = w if self.strides is None else self.strides[i]
+        return [start + p // w * stride + p % w for p in range(present)]
 
 
-def _sequence(rng: random.Random, max_hw: int, p_image: float, p_pad: float) -> tuple[list, list]:
-    """One sequence: (route list, images as (offset, H, W, present))."""
+def _sequence(rng: random.Random, max_hw: int, p_image: float, p_pad: float,
+              separators: bool) -> tuple[list, list]:
+    """One sequence: (route list, images as (offset, H, W, present, stride)); with
+    ``separators``, each image's complete rows are followed by 1 or 2 text tokens (Emu3's
+    end-of-line), and its stride counts them."""
     route, images = [], []
     segments = rng.randint(1, 5)
     for seg in range(segments):
@@ -93,10 +109,12 @@ def _sequence(rng: random.Random, max_hw: int, p_image: float, p_pad: float) -> 
             count = rng.choice([1, 1, 2])
             for j in range(count):
                 h, w = rng.randint(1, max_hw), rng.randint(1, max_hw)
+                sep = rng.randint(1, 2) if separators else 0
                 partial = j == count - 1 and rng.random() < 0.5
                 present = rng.randint(1, h * w) if partial else h * w
-                images.append((len(route), h, w, present))
-                route += [1] * present
+                images.append((len(route), h, w, present, w + sep))
+                for p in range(present):
+                    route += [1] + [0] * sep * ((p + 1) % w == 0)
             if seg < segments - 1 and (present < h * w or rng.random() < 0.7):
                 route += [0] * rng.randint(1, 3)
         else:
@@ -106,25 +124,26 @@ def _sequence(rng: random.Random, max_hw: int, p_image: float, p_pad: float) -> 
 
 def random_layout(
     seed: int, batched: bool | None = None, p_image: float = 0.5, p_pad: float = 0.15,
-    max_hw: int = 5,
+    max_hw: int = 5, separators: bool = False,
 ) -> Layout:
     """A random layout: several sequences, batched ``[B, T]`` (right-padded) or packed flat with
-    ``cu_seqlens``; text runs, padding, back-to-back and partial images of odd shapes."""
+    ``cu_seqlens``; text runs, padding, back-to-back and partial images of odd shapes; with
+    ``separators``, text tokens between image rows (the spans then carry row strides)."""
     rng = random.Random(seed)
     batched = rng.random() < 0.5 if batched is None else batched
-    seqs = [_sequence(rng, max_hw, p_image, p_pad) for _ in range(rng.randint(1, 3))]
-    route, images, cu = [], [], [0]
-    if batched:
-        t = max(len(r) for r, _ in seqs) + rng.randint(0, 2)
-        for b, (r, ims) in enumerate(seqs):
-            images += [(b * t + s, h, w, p) for s, h, w, p in ims]
-            route += r + [-1] * (t - len(r))
-        return Layout((len(seqs), t), route, images)
-    for r, ims in seqs:
-        images += [(len(route) + s, h, w, p) for s, h, w, p in ims]
-        route += r
+    seqs = [_sequence(rng, max_hw, p_image, p_pad, separators) for _ in range(rng.randint(1, 3))]
+    route, images, strides, cu = [], [], [], [0]
+    t = max(len(r) for r, _ in seqs) + rng.randint(0, 2) if batched else 0
+    for b, (r, ims) in enumerate(seqs):
+        offset = b * t if batched else len(route)
+        images += [(offset + s, h, w, p) for s, h, w, p, _ in ims]
+        strides += [stride for *_, stride in ims]
+        route += r + [-1] * (t - len(r)) * batched
         cu.append(len(route))
-    return Layout((len(route),), route, images, cu)
+    strides = strides if separators else None
+    if batched:
+        return Layout((len(seqs), t), route, images, strides=strides)
+    return Layout((len(route),), route, images, cu, strides)
 
 
 def special_layouts() -> list[Layout]:
@@ -188,17 +207,17 @@ def conv2d_formulation(x, weight, bias, layout: Layout, text_A, text_B, image_A,
     is_text = torch.tensor([r == 0 for r in layout.route])
     y = y + is_text[:, None] * (text_scale * F.linear(F.linear(x, text_A), text_B))
     k = image_A.shape[-1]
-    for start, h, w, present in layout.images:
+    for i, (_, h, w, present) in enumerate(layout.images):
+        tokens = layout.grid_tokens(i)
         grid = x.new_zeros(x.shape[1], h * w)
-        grid = torch.cat([x[start:start + present].t(), grid[:, present:]], dim=1)
+        grid = torch.cat([x[tokens].t(), grid[:, present:]], dim=1)
         grid = grid.reshape(1, x.shape[1], h, w)
         if causal:
             out = F.conv2d(F.pad(grid, (k - 1, 0, k - 1, 0)), image_A)
         else:
             out = F.conv2d(grid, image_A, padding="same")
         h_img = out.reshape(image_A.shape[0], h * w)[:, :present].t()
-        delta = image_scale * F.linear(h_img, image_B)
-        y = torch.cat([y[:start], y[start:start + present] + delta, y[start + present:]])
+        y = y.index_add(0, torch.tensor(tokens), image_scale * F.linear(h_img, image_B))
     return y
 
 

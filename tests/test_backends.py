@@ -34,7 +34,8 @@ from helpers import (
     within_tolerance,
 )
 
-LAYOUTS = [random_layout(seed, p_image=0.6) for seed in range(10)] + special_layouts()
+LAYOUTS = ([random_layout(seed, p_image=0.6) for seed in range(10)] + special_layouts()
+           + [random_layout(seed, p_image=0.8, separators=True) for seed in (1, 2, 5)])
 HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
 CASES = [(b, d) for b in FUSED for d in HALF_AND_SINGLE if backends.backend(b).supports(d)]
 

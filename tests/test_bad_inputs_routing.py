@@ -52,9 +52,17 @@ error(SPANS, "`images` not a table of numbers (None, ragged rows)", TypeError,
 error(SPANS, "`images` float or bool (would truncate)", TypeError,
       "images: expected integers, got dtype",
       lambda: spans(images=[[1.5, 2, 2]]), lambda: spans(images=torch.ones(2, 3, dtype=torch.bool)))
-error(SPANS, "`images` not of shape `[n_img, 3]` (rank 1, or 2 columns)", ValueError,
-      "images: expected shape [n_img, 3] with rows (start, height, width), got",
-      lambda: spans(images=[1, 2, 2]), lambda: spans(images=[[1, 2]]))
+error(SPANS, "`images` not of shape `[n_img, 3]` or `[n_img, 4]` (rank 1, 2 or 5 columns)",
+      ValueError, "images: expected shape [n_img, 3] with rows (start, height, width), or "
+      "[n_img, 4] with rows (start, height, width, row_stride), got",
+      lambda: spans(images=[1, 2, 2]), lambda: spans(images=[[1, 2]]),
+      lambda: spans(images=[[1, 2, 2, 2, 2]]))
+error(SPANS, "a `row_stride` under the width", ValueError,
+      "images[0] = [1, 2, 2, 1]: row_stride must be >= the width",
+      lambda: spans(images=[[1, 2, 2, 1], [6, 1, 2, 2]]))
+error(SPANS, "an image token where a row separator belongs (a column past the width)",
+      ValueError, "route[0, 3] is an image token outside every image span",
+      lambda: spans(images=[[1, 2, 2, 3], [6, 1, 2, 2]]))
 error(SPANS, "`images` empty while `route` has image tokens", ValueError,
       "route[0, 1] is an image token outside every image span", lambda: spans(images=[]))
 

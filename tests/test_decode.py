@@ -31,9 +31,11 @@ def _params(gen, d_in, d_out, r_t, r_i, k, dtype=torch.float64):
                 image_A=rand(r_i, d_in, k, k, scale=d_in ** -0.5), image_B=rand(d_out, r_i))
 
 
-def _step(fn, p, x, ring, kind, pos):
+def _step(fn, p, x, ring, kind, pos, width=W):
     packed = pack(p["text_A"], p["text_B"], p["image_A"], p["image_B"], *SCALES)
-    return fn(x, p["weight"], p["bias"], *packed, ring, kind, pos, W, p["text_A"].shape[0],
+    if isinstance(width, int):
+        width = torch.full((x.shape[0],), width, device=x.device)
+    return fn(x, p["weight"], p["bias"], *packed, ring, kind, pos, width, p["text_A"].shape[0],
               p["image_A"].shape[2])
 
 
@@ -94,6 +96,46 @@ def test_decoding_token_by_token_is_the_full_forward(backend, k, gen):
         assert rel_err(y.cpu()[real], full[real, t]) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+@pytest.mark.parametrize("k", [2, 3])
+def test_separated_rows_and_per_sequence_widths_decode_as_the_full_forward(backend, k, gen):
+    """Emu3's layout: each image row followed by separator tokens (text), images of different
+    sizes in the batch (the decode op's width per sequence), the second one still being
+    generated (its last row incomplete): token by token, each step's y is the row of the full
+    op over a plan with row strides."""
+    d_in, d_out = 9, 7
+    p = _params(gen, d_in, d_out, 3, 4, k)
+    # (text before, H, W, separators per row, rows present as grid positions, text after)
+    shapes = [(2, 3, 4, 1, 12, 2), (1, 2, 5, 2, 8, 0)]
+    rows, spans, grids = [], [], []
+    for before, h, w, sep, present, after in shapes:
+        route, grid = [0] * before, []
+        for g in range(present):
+            grid.append((g, len(route)))
+            route += [1] + [0] * sep * ((g + 1) % w == 0)
+        rows.append(route + [0] * after)
+        spans.append((before, h, w, w + sep))
+        grids.append(dict((t, g) for g, t in grid))
+    n = max(map(len, rows))
+    routes = torch.tensor([r + [-1] * (n - len(r)) for r in rows])
+    plan = mk.RoutingPlan.from_spans(routes, [(b * n + s, h, w, st) for b, (s, h, w, st)
+                                              in enumerate(spans)], kernel_size=k)
+    x = torch.randn(2, n, d_in, generator=gen, dtype=torch.float64)
+    full = mk.moss_linear(x, p["weight"], p["bias"], plan, p["text_A"], p["text_B"],
+                          p["image_A"], p["image_B"], *SCALES, backend="reference")
+    dtype = torch.float64 if backends.backend(backend).supports(torch.float64) else torch.float32
+    on = {name: v.to(DEVICE, dtype) for name, v in p.items()}
+    widths = torch.tensor([w for _, _, w, _ in spans], device=DEVICE)
+    ring = torch.zeros(2, ring_size(k, int(widths.max())), k * k * 4, dtype=dtype, device=DEVICE)
+    for t in range(n):
+        kind = routes[:, t].to(DEVICE, torch.int8)
+        pos = torch.tensor([g.get(t, 0) for g in grids], device=DEVICE)
+        y = _step(lambda *a: moss_decode(*a, backend=backend), on, x[:, t].to(DEVICE, dtype),
+                  ring, kind, pos, widths)
+        real = (kind >= 0).cpu()
+        assert rel_err(y.cpu()[real], full[real, t]) <= TOLERANCE[dtype], t
+
+
 def test_with_gradients_on_the_step_is_differentiable(gen):
     """The CPU kernel has no autograd: with gradients on, moss_decode runs the reference."""
     p = _params(gen, 8, 6, 2, 3, 2)
@@ -139,8 +181,9 @@ def test_opcheck(backend, gen):
     ring = torch.randn(2, ring_size(2, W), 12, generator=gen).to(DEVICE)
     kind = torch.tensor([1, 0], dtype=torch.int8, device=DEVICE)
     pos = torch.tensor([6, 0], device=DEVICE)
-    torch.library.opcheck(decode_op, (torch.randn(2, 8, generator=gen).to(DEVICE), p["weight"],
-                                      p["bias"], *packed, ring, kind, pos, W, 2, 2, backend))
+    x = torch.randn(2, 8, generator=gen).to(DEVICE)
+    torch.library.opcheck(decode_op, (x, p["weight"], p["bias"], *packed, ring, kind, pos,
+                                      torch.full_like(pos, W), 2, 2, backend))
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
@@ -154,11 +197,12 @@ def test_a_decode_step_is_captured_in_a_cuda_graph(backend, gen):
     x = torch.zeros(b, 64, device="cuda")
     kind = torch.zeros(b, dtype=torch.int8, device="cuda")
     pos = torch.zeros(b, dtype=torch.int64, device="cuda")
+    width = torch.full((b,), W, device="cuda")
     ring = torch.zeros(b, ring_size(2, W), 4 * 8, device="cuda")
     want_ring = ring.clone()
 
     def step():
-        return _step(lambda *a: moss_decode(*a, backend=backend), p, x, ring, kind, pos)
+        return _step(lambda *a: moss_decode(*a, backend=backend), p, x, ring, kind, pos, width)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -193,15 +237,19 @@ def test_kernels_name_bad_arguments(gen):
          TypeError),
         (dict(ring=ring[:, :, :5]), r"ring: expected a contiguous \[2, S, 12\]", ValueError),
         (dict(ring=ring[:, :W].contiguous()),
-         r"ring: expected at least 7 slots \(ring_size\), got 5", ValueError),
+         r"ring: expected at least 7 slots \(ring_size for .*5\), got 5", ValueError),
+        (dict(width=torch.tensor([W, W], dtype=torch.int32)),
+         "width: expected (a contiguous )?(an )?int64 \\[2\\]", TypeError),
+        (dict(width=torch.tensor([W, 0])), r"width(\[1\])?: expected (values )?>= 1",
+         ValueError),
         (dict(ring=ring.double()), "ring: expected (Float|torch.float32) on cpu",
          TypeError),
         (dict(pos=pos[:1]), r"pos: expected a contiguous int64 \[2\]|pos: expected an int64 "
                             r"\[2\]", TypeError),
         (dict(x=x.double()), "x's dtype", TypeError),
     ]:
-        args = dict(x=x, ring=ring, kind=kind, pos=pos) | bad
-        call = (args["x"], args["ring"], args["kind"], args["pos"])
+        args = dict(x=x, ring=ring, kind=kind, pos=pos, width=W) | bad
+        call = (args["x"], args["ring"], args["kind"], args["pos"], args["width"])
         with pytest.raises(RuntimeError, match=match):
             _step(torch.ops.moss._ext_decode, p, *call)
         with pytest.raises(error, match=match):

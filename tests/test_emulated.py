@@ -81,8 +81,9 @@ def test_every_decode_output_is_written_by_exactly_one_thread(blocks, threads, l
     kind = torch.tensor([1, 0, -1, 1] * 3, dtype=torch.int8)
     pos = torch.arange(b) % 9
     want_ring = ring.clone()
-    want = reference_decode(x, weight, bias, *packed, want_ring, kind, pos, w, r_t, k)
-    got = moss_decode(x, weight, bias, *packed, ring, kind, pos, w, r_t, k,
+    width = torch.full((b,), w)
+    want = reference_decode(x, weight, bias, *packed, want_ring, kind, pos, width, r_t, k)
+    got = moss_decode(x, weight, bias, *packed, ring, kind, pos, width, r_t, k,
                       backend="cuda-emulated")
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(ring, want_ring)

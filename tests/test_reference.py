@@ -17,7 +17,8 @@ from helpers import (
     special_layouts,
 )
 
-LAYOUTS = [random_layout(seed) for seed in range(24)] + special_layouts()
+LAYOUTS = ([random_layout(seed) for seed in range(24)] + special_layouts()
+           + [random_layout(seed, p_image=0.7, separators=True) for seed in range(12)])
 
 
 def _both(layout, k, causal, p, scales=(1.5, 0.75)):

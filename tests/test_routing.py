@@ -8,7 +8,8 @@ from moss_kernels import RoutingPlan
 
 from helpers import Layout, random_layout, special_layouts
 
-LAYOUTS = [random_layout(seed) for seed in range(40)] + special_layouts()
+LAYOUTS = ([random_layout(seed) for seed in range(40)] + special_layouts()
+           + [random_layout(seed, separators=True) for seed in range(20)])
 WINDOWS = [(1, True), (2, True), (3, True), (2, False), (3, False)]
 
 
@@ -17,8 +18,8 @@ def brute_force_tables(layout: Layout, k: int, causal: bool):
     nbr = [[-1] * (k * k) for _ in range(layout.n)]
     nbr_t = [[-1] * (k * k) for _ in range(layout.n)]
     o = k - 1 if causal else (k - 1) // 2
-    for start, _, w, present in layout.images:
-        cell = {divmod(i, w): start + i for i in range(present)}  # (row, col) -> token
+    for i, (_, _, w, _) in enumerate(layout.images):
+        cell = {divmod(p, w): t for p, t in enumerate(layout.grid_tokens(i))}  # (row, col) -> t
         for (row, col), t in cell.items():
             for p in range(k):
                 for q in range(k):
@@ -40,7 +41,7 @@ def test_from_spans_matches_brute_force(index, k, causal):
     assert plan.nbr.dtype == torch.int32 and plan.nbr_t.dtype == torch.int32
     assert torch.equal(plan.nbr.reshape(-1, k * k), nbr.reshape(-1, k * k))
     assert torch.equal(plan.nbr_t.reshape(-1, k * k), nbr_t.reshape(-1, k * k))
-    assert plan.images.tolist() == sorted(list(im[:3]) for im in layout.images)
+    assert plan.images.tolist() == sorted(layout.spans().tolist())
     assert plan.num_tokens == layout.n and plan.shape == layout.shape
 
 

@@ -37,7 +37,7 @@ struct CpuDev {
     return at::mm(a.to(at::kFloat), b.to(at::kFloat));
   }
   void decode_taps(const at::Tensor& p, at::Tensor& ring, const at::Tensor& kind,
-                   const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k,
+                   const at::Tensor& pos, const at::Tensor& width, int64_t r_t, int64_t k,
                    at::Tensor& z) const {
     emulation::moss::decode_taps(SerialLaunch{}, p, ring, kind, pos, width, r_t, k, z);
   }

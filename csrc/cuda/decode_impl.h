@@ -30,8 +30,8 @@ inline at::ScalarType ring_type(at::ScalarType t) { return t == at::kHalf ? at::
 inline void check_decode_args(const at::Tensor& x, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, const at::Tensor& a_all,
                               const at::Tensor& b_cat, const at::Tensor& ring,
-                              const at::Tensor& kind, const at::Tensor& pos, int64_t width,
-                              int64_t r_t, int64_t k) {
+                              const at::Tensor& kind, const at::Tensor& pos,
+                              const at::Tensor& width, int64_t r_t, int64_t k) {
   TORCH_CHECK(x.dim() == 2, "x: expected [B, D_in], got ", x.sizes());
   const int64_t b = x.size(0), d_in = x.size(1);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d_in, "weight: expected [D_out, ", d_in,
@@ -39,7 +39,7 @@ inline void check_decode_args(const at::Tensor& x, const at::Tensor& weight,
   const int64_t d_out = weight.size(0);
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == d_out),
               "bias: expected [", d_out, "]");
-  TORCH_CHECK(width >= 1 && k >= 1 && r_t >= 0, "width, kernel_size: expected >= 1, r_text >= 0");
+  TORCH_CHECK(k >= 1 && r_t >= 0, "kernel_size: expected >= 1, r_text >= 0");
   TORCH_CHECK(a_all.dim() == 2 && a_all.size(1) == d_in && a_all.size(0) >= r_t &&
                   (a_all.size(0) - r_t) % (k * k) == 0,
               "a_all: expected [R_T + K*K*R_I, ", d_in, "], got ", a_all.sizes());
@@ -49,9 +49,6 @@ inline void check_decode_args(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(ring.dim() == 3 && ring.size(0) == b && (ring.size(1) == 0 || ring.size(2) == c) &&
                   ring.is_contiguous(),
               "ring: expected a contiguous [", b, ", S, ", c, "] tensor, got ", ring.sizes());
-  TORCH_CHECK(ring.size(1) == 0 || ring.size(1) > (k - 1) * (width + 1),
-              "ring: expected at least ", (k - 1) * (width + 1) + 1, " slots (ring_size), got ",
-              ring.size(1));
   TORCH_CHECK(kind.scalar_type() == at::kChar && kind.dim() == 1 && kind.size(0) == b &&
                   kind.is_contiguous(),
               "kind: expected a contiguous int8 [", b, "] tensor");
@@ -66,15 +63,31 @@ inline void check_decode_args(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(ring.scalar_type() == ring_type(x.scalar_type()) && ring.device() == x.device(),
               "ring: expected ", ring_type(x.scalar_type()), " on ", x.device(), " (for ",
               x.scalar_type(), " inputs), got ", ring.scalar_type(), " on ", ring.device());
-  TORCH_CHECK(kind.device() == x.device() && pos.device() == x.device(),
-              "kind, pos: expected them on x's device ", x.device());
+  TORCH_CHECK(width.scalar_type() == at::kLong && width.dim() == 1 && width.size(0) == b &&
+                  width.is_contiguous(),
+              "width: expected a contiguous int64 [", b, "] tensor");
+  TORCH_CHECK(kind.device() == x.device() && pos.device() == x.device() &&
+                  width.device() == x.device(),
+              "kind, pos, width: expected them on x's device ", x.device());
+  // The ring must hold each sequence's K x K window: values are checked where they are on the
+  // host (a GPU check would be a device sync per layer and step); a smaller ring on the GPU
+  // reads wrong slots, never outside it (slot = position % S).
+  if (width.is_cpu()) {
+    const int64_t* w = width.data_ptr<int64_t>();
+    for (int64_t t = 0; t < b; ++t) {
+      TORCH_CHECK(w[t] >= 1, "width[", t, "]: expected >= 1, got ", w[t]);
+      TORCH_CHECK(ring.size(1) == 0 || ring.size(1) > (k - 1) * (w[t] + 1), "ring: expected at "
+                  "least ", (k - 1) * (w[t] + 1) + 1, " slots (ring_size for width[", t, "] = ",
+                  w[t], "), got ", ring.size(1));
+    }
+  }
 }
 
 template <typename Dev>
 at::Tensor decode(const Dev& dev, const at::Tensor& x, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& a_all,
                   const at::Tensor& b_cat, at::Tensor& ring, const at::Tensor& kind,
-                  const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k) {
+                  const at::Tensor& pos, const at::Tensor& width, int64_t r_t, int64_t k) {
   check_decode_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_t, k);
   [[maybe_unused]] const auto guard = dev.guard(x);
   const bool wide = x.scalar_type() == at::kHalf;
@@ -104,7 +117,8 @@ template <typename Dev>
 at::Tensor decode_op(const at::Tensor& x, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, const at::Tensor& a_all,
                      const at::Tensor& b_cat, at::Tensor& ring, const at::Tensor& kind,
-                     const at::Tensor& pos, int64_t width, int64_t r_text, int64_t kernel_size) {
+                     const at::Tensor& pos, const at::Tensor& width, int64_t r_text,
+                     int64_t kernel_size) {
   return decode(Dev{}, x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text,
                 kernel_size);
 }

@@ -61,7 +61,7 @@ struct CudaDev {
     poison_cuda(out, route, bad);
   }
   void decode_taps(const at::Tensor& p, at::Tensor& ring, const at::Tensor& kind,
-                   const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k,
+                   const at::Tensor& pos, const at::Tensor& width, int64_t r_t, int64_t k,
                    at::Tensor& z) const {
     decode_taps_cuda(p, ring, kind, pos, width, r_t, k, z);
   }

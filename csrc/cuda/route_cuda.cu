@@ -50,8 +50,8 @@ void poison_cuda(at::Tensor& out, const at::Tensor& route, const at::Tensor& bad
 }
 
 void decode_taps_cuda(const at::Tensor& p, at::Tensor& ring, const at::Tensor& kind,
-                      const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k,
-                      at::Tensor& z) {
+                      const at::Tensor& pos, const at::Tensor& width, int64_t r_t,
+                      int64_t k, at::Tensor& z) {
   decode_taps(CudaLaunch{}, p, ring, kind, pos, width, r_t, k, z);
 }
 

@@ -16,7 +16,7 @@ void pack_down_cuda(const at::Tensor& text_A, const at::Tensor& image_A, at::Ten
                     at::Tensor& bad);
 void poison_cuda(at::Tensor& out, const at::Tensor& route, const at::Tensor& bad);
 void decode_taps_cuda(const at::Tensor& p, at::Tensor& ring, const at::Tensor& kind,
-                      const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k,
-                      at::Tensor& z);
+                      const at::Tensor& pos, const at::Tensor& width, int64_t r_t,
+                      int64_t k, at::Tensor& z);
 
 }  // namespace moss

@@ -132,22 +132,23 @@ __global__ void pack_down_kernel(const scalar_t* __restrict__ text_A,
 
 // One decode step (moss_kernels/decode.py), for B sequences with one new token each: p [B, R_T +
 // KK*R_I] its products with A_all, kind[t] (0 text, 1 image, -1 padding), pos[t] (its position in
-// its image, row-major over rows of `width`), ring [B, S, KK*R_I] (p's dtype, contiguous) each
-// sequence's last S image tokens' tap products at slot pos % S. One thread per (t, j), j < R_T +
-// R_I:
+// its image, row-major over rows of width[t]), ring [B, S, KK*R_I] (p's dtype, contiguous) each
+// sequence's last S image tokens' tap products at slot pos % S, S >= (K-1)(width[t]+1)+1. One
+// thread per (t, j), j < R_T + R_I:
 //   j < R_T:   z[t, j] = p[t, j] on text rows, else 0
 //   j >= R_T:  on image rows, ring[t, pos % S, tap*R_I + j'] = p[t, R_T + tap*R_I + j'] for every
 //              tap (j' = j - R_T), and z[t, j] = the sum over the K x K causal taps inside the
-//              image of ring[t, (pos + dr*W + dc) % S, tap*R_I + j'], the token's own tap read
-//              from p; else 0.
+//              image of ring[t, (pos + dr*width[t] + dc) % S, tap*R_I + j'], the token's own tap
+//              read from p; else 0.
 // Each ring element and z element is written by one thread, and no thread reads a slot this
 // launch writes (S > (K-1)(W+1), so the K x K window's other slots differ from pos % S): no race.
 template <typename scalar_t, typename acc_t>
 __global__ void decode_taps_kernel(const scalar_t* __restrict__ p, int64_t ldp,
                                    scalar_t* __restrict__ ring, int64_t slots,
                                    const int8_t* __restrict__ kind,
-                                   const int64_t* __restrict__ pos, int64_t b, int64_t r_t,
-                                   int64_t r_i, int64_t k, int64_t width, acc_t* __restrict__ z) {
+                                   const int64_t* __restrict__ pos,
+                                   const int64_t* __restrict__ width, int64_t b, int64_t r_t,
+                                   int64_t r_i, int64_t k, acc_t* __restrict__ z) {
   const int64_t r = r_t + r_i, kk = k * k, c = kk * r_i;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < b * r;
        idx += int64_t(blockDim.x) * gridDim.x) {
@@ -156,7 +157,8 @@ __global__ void decode_taps_kernel(const scalar_t* __restrict__ p, int64_t ldp,
     if (j < r_t) {
       if (kind[t] == 0) v = static_cast<acc_t>(p[t * ldp + j]);
     } else if (kind[t] == 1 && slots > 0) {
-      const int64_t jj = j - r_t, at = pos[t], row = at / width, col = at % width;
+      const int64_t jj = j - r_t, at = pos[t], w = width[t] > 0 ? width[t] : 1;
+      const int64_t row = at / w, col = at % w;
       const scalar_t* pt = p + t * ldp + r_t;
       scalar_t* rt = ring + t * slots * c;
       for (int64_t tap = 0; tap < kk; ++tap) {
@@ -165,7 +167,7 @@ __global__ void decode_taps_kernel(const scalar_t* __restrict__ p, int64_t ldp,
       for (int64_t tap = 0; tap < kk; ++tap) {  // row and column offsets -(K-1)..0
         const int64_t dr = tap / k - (k - 1), dc = tap % k - (k - 1);
         if (row + dr < 0 || col + dc < 0) continue;
-        const int64_t src = (at + dr * width + dc) % slots;
+        const int64_t src = (at + dr * w + dc) % slots;
         v += static_cast<acc_t>(tap == kk - 1 ? pt[tap * r_i + jj] : rt[src * c + tap * r_i + jj]);
       }
     }

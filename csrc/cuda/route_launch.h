@@ -98,15 +98,16 @@ void poison(const Launch& launch, at::Tensor& out, const at::Tensor& route, cons
 // one decode step's rank space (see decode_taps_kernel).
 template <typename Launch>
 void decode_taps(const Launch& launch, const at::Tensor& p, at::Tensor& ring,
-                 const at::Tensor& kind, const at::Tensor& pos, int64_t width, int64_t r_t,
-                 int64_t k, at::Tensor& z) {
+                 const at::Tensor& kind, const at::Tensor& pos, const at::Tensor& width,
+                 int64_t r_t, int64_t k, at::Tensor& z) {
   const int64_t b = z.size(0), r = z.size(1);
   if (b * r == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "moss_decode_taps", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch(decode_taps_kernel<scalar_t, acc_t>, b * r, z, p.data_ptr<scalar_t>(), p.stride(0),
            ring.data_ptr<scalar_t>(), ring.size(1), kind.data_ptr<int8_t>(),
-           pos.data_ptr<int64_t>(), b, r_t, r - r_t, k, width, z.data_ptr<acc_t>());
+           pos.data_ptr<int64_t>(), width.data_ptr<int64_t>(), b, r_t, r - r_t, k,
+           z.data_ptr<acc_t>());
   });
 }
 

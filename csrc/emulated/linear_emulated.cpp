@@ -117,7 +117,7 @@ struct EmulatedDev {
     emulation::moss::poison(EmulatedLaunch{}, out, route, bad);
   }
   void decode_taps(const at::Tensor& p, at::Tensor& ring, const at::Tensor& kind,
-                   const at::Tensor& pos, int64_t width, int64_t r_t, int64_t k,
+                   const at::Tensor& pos, const at::Tensor& width, int64_t r_t, int64_t k,
                    at::Tensor& z) const {
     emulation::moss::decode_taps(EmulatedLaunch{}, p, ring, kind, pos, width, r_t, k, z);
   }

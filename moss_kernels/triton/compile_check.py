@@ -167,7 +167,7 @@ def decode_cases(all_configs: bool):
             continue
         rank = "fp32" if dtype == "fp16" else dtype  # P and the ring: ring_dtype
         types = {"p_ptr": f"*{rank}", "ring_ptr": f"*{rank}", "kind_ptr": "*i8",
-                 "pos_ptr": "*i64", "z_ptr": "*fp32"}
+                 "pos_ptr": "*i64", "width_ptr": "*i64", "z_ptr": "*fp32"}
         yield (f"_decode_taps_kernel[{dtype} K={k} BLOCK_R={block_r}]", _decode_taps_kernel,
                types, dict(K=k, BLOCK_R=block_r), (), {}, SPECIALISATIONS, None)
 

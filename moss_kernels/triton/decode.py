@@ -33,8 +33,9 @@ def _decode_taps_kernel(
     ring_ptr,   # [B, S, K*K*R_I], contiguous; slots of image tokens written
     kind_ptr,   # [B] int8: 0 text, 1 image, -1 neither
     pos_ptr,    # [B] int64: an image token's position in its image, row-major
+    width_ptr,  # [B] int64: its image's width
     z_ptr,      # [B, R_T + R_I] fp32, written
-    R_T, R_I, S, W, stride_p, stride_z,
+    R_T, R_I, S, stride_p, stride_z,
     K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -43,6 +44,7 @@ def _decode_taps_kernel(
     # masks (a scalar condition does not, in the interpreter)
     kind = tl.load(kind_ptr + t + 0 * offs)
     pos = tl.load(pos_ptr + t + 0 * offs)
+    W = tl.maximum(tl.load(width_ptr + t + 0 * offs), 1)
     for r0 in range(0, R_T, BLOCK_R):
         cols = r0 + offs
         ok = cols < R_T
@@ -73,7 +75,7 @@ def _decode_taps_kernel(
 
 
 def decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat: Tensor,
-           ring: Tensor, kind: Tensor, pos: Tensor, width: int, r_text: int,
+           ring: Tensor, kind: Tensor, pos: Tensor, width: Tensor, r_text: int,
            kernel_size: int) -> Tensor:
     """moss_kernels.decode's step (the module docstring); the arguments checked by
     moss_kernels.decode.check_args."""
@@ -93,7 +95,7 @@ def decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat:
             z = empty(x.shape[0], r, dtype=torch.float32, device=x.device)
             if x.shape[0]:
                 _decode_taps_kernel[(x.shape[0],)](
-                    p, ring, kind, pos, z, r_text, r - r_text, ring.shape[1], width, p.stride(0),
+                    p, ring, kind, pos, width, z, r_text, r - r_text, ring.shape[1], p.stride(0),
                     z.stride(0), K=kernel_size, BLOCK_R=block_r(r_text, r - r_text))
             y.addmm_(z.to(y.dtype), b_cat.to(y.dtype).t())
     return y.to(x.dtype)
