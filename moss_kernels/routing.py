@@ -44,6 +44,7 @@ class RoutingPlan:
         images: Tensor | None = None,
         image_start: Tensor | None = None,
         grid: tuple[int, int] | None = None,
+        image_rows: Tensor | None = None,
     ):
         self.route = route  # [N] int8
         self.nbr = nbr  # [N, K*K] int32
@@ -52,10 +53,12 @@ class RoutingPlan:
         self.causal = causal
         self.shape = shape  # the layout's shape: (N,) or (B, T)
         # Either the explicit span table, or (for from_input_ids) each token's image start and
-        # the common grid, from which the table is derived on first use (it needs a host sync).
+        # the common grid, or with row ends each token's image width and extent ([2, N]), from
+        # which the table is derived on first use (it needs a host sync).
         self._images = images
         self._image_start = image_start
         self._grid = grid
+        self._image_rows = image_rows
 
     # ------------------------------------------------------------------ properties
     @property
@@ -74,10 +77,14 @@ class RoutingPlan:
             t = torch.arange(self.num_tokens, device=self.device)
             first = (self.route == ROUTE_IMAGE) & (self._image_start == t)
             starts = first.nonzero().flatten()
-            h, w = self._grid
-            self._images = torch.stack(
-                [starts, torch.full_like(starts, h), torch.full_like(starts, w)], dim=1
-            )
+            if self._image_rows is None:
+                h, w = self._grid
+                self._images = torch.stack(
+                    [starts, torch.full_like(starts, h), torch.full_like(starts, w)], dim=1
+                )
+            else:  # the rows present so far
+                w, length = self._image_rows[:, starts]
+                self._images = torch.stack([starts, (length - 1) // (w + 1) + 1, w, w + 1], 1)
         return self._images
 
     def to(self, device: torch.device | str) -> RoutingPlan:
@@ -86,6 +93,7 @@ class RoutingPlan:
         return RoutingPlan(
             move(self.route), move(self.nbr), move(self.nbr_t), self.kernel_size, self.causal,
             self.shape, move(self._images), move(self._image_start), self._grid,
+            move(self._image_rows),
         )
 
     def __repr__(self) -> str:
@@ -207,12 +215,22 @@ class RoutingPlan:
         kernel_size: int = 2,
         causal: bool = True,
         validate: bool = True,
+        row_end_ids: Tensor | Iterable[int] | None = None,
     ) -> RoutingPlan:
         """Plan for a token-based backbone: image tokens are recognised by id.
 
         Tokens whose id is in ``image_token_ids`` are image tokens, others text; positions
         where ``attention_mask`` is 0 are padding. Each run of consecutive image tokens is cut
         into consecutive ``grid = (H, W)`` images; the last one may be partial.
+
+        With ``row_end_ids`` (Emu3's end-of-line token, Lumina-mGPT's row separator) and
+        ``grid=None``, sizes come from the sequence: an image is rows of image tokens, each
+        ended by one row-end token (routed as text); its width is its first row's length (while
+        that row is still being generated, its length so far, which a causal window cannot
+        tell apart), and a run of image tokens right after a row end that closes an image row
+        continues that image, one row further (row stride W + 1). Anything else between image
+        tokens (Emu3's end-of-frame and image-end tokens) ends the image. Validation checks that
+        every row has the first's length (the last may be shorter: still being generated).
         """
         _check_window(kernel_size, causal)
         if not isinstance(input_ids, Tensor):
@@ -222,7 +240,11 @@ class RoutingPlan:
                 f"input_ids: expected an integer tensor of shape [T] or [B, T], got dtype "
                 f"{input_ids.dtype} and shape {tuple(input_ids.shape)}"
             )
-        if (
+        if row_end_ids is not None:
+            if grid is not None:
+                raise ValueError(f"grid: with row_end_ids the sizes come from the sequence "
+                                 f"(each image's first row end); pass grid=None, got {grid!r}")
+        elif (
             not isinstance(grid, (tuple, list)) or len(grid) != 2
             or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
         ):
@@ -251,6 +273,17 @@ class RoutingPlan:
             route = torch.where(mask == 0, torch.full_like(route, ROUTE_PAD), route)
 
         n = route.numel()
+        if row_end_ids is not None:
+            if isinstance(row_end_ids, (str, bytes)) or not isinstance(row_end_ids, Iterable):
+                raise TypeError(f"row_end_ids: expected a list of ints or an integer tensor, "
+                                f"got {type(row_end_ids).__name__}")
+            ends = _integers("row_end_ids", row_end_ids, device).reshape(-1)
+            if validate and bool(torch.isin(ends, ids).any()):
+                both = int(ends[torch.isin(ends, ids)][0])
+                raise ValueError(f"row_end_ids: id {both} is also in image_token_ids (a row end "
+                                 f"is a text token)")
+            is_end = torch.isin(flat_ids, ends) & (route != ROUTE_PAD)
+            return cls._from_rows(route, is_end, shape, kernel_size, causal, validate)
         h, w = int(grid[0]), int(grid[1])
         seq_end = _sequence_ends(shape, None, device, validate)
         is_img = route == ROUTE_IMAGE
@@ -266,6 +299,39 @@ class RoutingPlan:
                                     kernel_size, causal)
         return cls(route, nbr, nbr_t, kernel_size, causal, shape,
                    image_start=tok_start, grid=(h, w))
+
+    @classmethod
+    def _from_rows(cls, route: Tensor, is_end: Tensor, shape: tuple[int, ...], k: int,
+                   causal: bool, validate: bool) -> RoutingPlan:
+        """:meth:`from_input_ids` with row ends (its docstring), from the route and the row-end
+        flags; vectorised, no host sync without validation."""
+        n, device = route.numel(), route.device
+        seq_end = _sequence_ends(shape, None, device, validate)
+        seq_start = seq_end - (shape[-1] if len(shape) == 2 else n)
+        is_img = route == ROUTE_IMAGE
+        t = torch.arange(n, device=device)
+
+        def before(flags: Tensor, d: int) -> Tensor:  # flags[t - d], False across a sequence start
+            shifted = torch.cat([flags.new_zeros(min(d, n)), flags[:max(n - d, 0)]])
+            return shifted & (t - d >= seq_start)
+
+        run_head = is_img & ~before(is_img, 1)
+        next_row = run_head & before(is_end, 1) & before(is_img, 2)
+        head = run_head & ~next_row
+        start = torch.cummax(torch.where(head, t, -1), dim=0).values.clamp(min=0)
+        width = (_run_ends(is_img, seq_end)[start] - start).clamp(min=1)  # the first row's
+        stride = width + 1
+        col = (t - start) % stride
+        # Each image's last token present (row ends in between are its own): its extent.
+        last = torch.full((n + 1,), -1, dtype=torch.int64, device=device).scatter_reduce(
+            0, torch.where(is_img, start, n), t, "amax")
+        length = last[start] - start + 1
+        if validate:
+            _check_rows(is_img & (col >= width), next_row & (col != 0), shape)
+        nbr, nbr_t = _window_tables(is_img, start, length, torch.full_like(t, n + 1), width, k,
+                                    causal, stride)
+        return cls(route.to(torch.int8), nbr, nbr_t, k, causal, shape, image_start=start,
+                   image_rows=torch.stack([width, length]))
 
 
 # ---------------------------------------------------------------------- construction helpers
@@ -438,6 +504,19 @@ def _check_overlaps(order: Tensor, start_s: Tensor, length_s: Tensor, shape) -> 
         raise ValueError(
             f"images[{b}] starts at token {int(start_s[j + 1])}, inside images[{a}] "
             f"(tokens {s}..{e - 1}): image spans overlap"
+        )
+
+
+def _check_rows(longer: Tensor, shorter: Tensor, shape) -> None:
+    """``longer``: image tokens past the first row's width; ``shorter``: a row starting off its
+    first column (the row before it ended early; a row one token short flags both there)."""
+    if bool((longer | shorter).any()):
+        i = _first(longer | shorter)
+        what = ("the image row before this one is shorter" if bool(shorter[i])
+                else "this image row is longer")
+        raise ValueError(
+            f"input_ids{_index(i, shape)}: {what} than its image's first row (rows between row "
+            f"ends must all have the first's length; only the last may be shorter)"
         )
 
 

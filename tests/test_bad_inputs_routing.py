@@ -183,6 +183,35 @@ errors(IDS_ENTRY, "`grid` not two ints >= 1 (a side 0, (2,), None, (2.0, 2), (Tr
        "grid: expected (height, width) with positive ints, got {grid!r}",
        [(dict(grid=g), lambda g=g: from_ids(grid=g))
         for g in [(0, 2), (2,), None, (2.0, 2), (True, 2)]])
+ROWS = torch.tensor([[1, 5, 5, 9, 5, 5, 9, 3]])  # a 2 x 2 image, rows ended by 9
+error(IDS_ENTRY, "`grid` given with `row_end_ids` (sizes come from the sequence)", ValueError,
+      "grid: with row_end_ids the sizes come from the sequence (each image's first row end); "
+      "pass grid=None, got (2, 2)",
+      lambda: from_ids(ROWS, [5], (2, 2), row_end_ids=[9]))
+errors(IDS_ENTRY, "`row_end_ids` not a list (an int, a str)", TypeError,
+       "row_end_ids: expected a list of ints or an integer tensor, got {kind}",
+       [(dict(kind=type(v).__name__), lambda v=v: from_ids(ROWS, [5], None, row_end_ids=v))
+        for v in (9, "9")])
+error(IDS_ENTRY, "an id in both `row_end_ids` and `image_token_ids`", ValueError,
+      "row_end_ids: id 5 is also in image_token_ids (a row end is a text token)",
+      lambda: from_ids(ROWS, [5], None, row_end_ids=[9, 5]))
+errors(IDS_ENTRY, "with `row_end_ids`, an image row longer or shorter than the image's first",
+       ValueError, "input_ids[0, {t}]: {what} than its image's first row",
+       [(dict(t=6, what="this image row is longer"),
+         lambda: from_ids(torch.tensor([[1, 5, 5, 9, 5, 5, 5, 9, 3]]), [5], None,
+                          row_end_ids=[9])),
+        (dict(t=8, what="the image row before this one is shorter"),
+         lambda: from_ids(torch.tensor([[1, 5, 5, 5, 9, 5, 5, 9, 5, 3]]), [5], None,
+                          row_end_ids=[9]))])
+
+
+@behaviour(IDS_ENTRY, "`row_end_ids` and an image's last row still being generated",
+           "the rows present: a shorter last row is no error")
+def _rows_in_progress():
+    plan = from_ids(torch.tensor([[1, 5, 5, 9, 5]]), [5], None, row_end_ids=[9])
+    assert plan.images.tolist() == [[1, 2, 2, 3]]
+
+
 errors(IDS_ENTRY, "`attention_mask` of another shape, or not a tensor", ValueError,
        "attention_mask: expected shape (1, 4) like input_ids, got {got}",
        [(dict(got="(4,)"), lambda: from_ids(attention_mask=torch.ones(4))),

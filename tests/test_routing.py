@@ -1,6 +1,8 @@
 """RoutingPlan: tables against a brute-force construction, both constructors (bad inputs:
 tests/test_bad_inputs_*.py)."""
 
+import random
+
 import pytest
 import torch
 
@@ -104,6 +106,67 @@ def test_from_input_ids_cuts_runs_into_grids(seed, k, causal):
     assert plan.route.tolist() == layout.route
     assert torch.equal(plan.nbr, nbr) and torch.equal(plan.nbr_t, nbr_t)
     assert plan.images.tolist() == [list(im[:3]) for im in images]
+
+
+def _rows_layout(seed: int) -> tuple[Layout, torch.Tensor, torch.Tensor]:
+    """Emu3-style token streams (batched, left- or right-padded): images of random sizes as rows
+    of image tokens (id 5) each ended by a row end (9) and closed by an end token (3), text (1)
+    between; partial images ending inside a row or right after a row end, the last one of a
+    sequence possibly unclosed (still being generated). Returns the layout with row strides,
+    the ids and the attention mask."""
+    rng = random.Random(seed)
+    seqs = []
+    for _ in range(rng.randint(1, 3)):
+        ids, images = [], []
+        for _ in range(rng.randint(1, 3)):
+            ids += [1] * rng.randint(1, 3)
+            h, w = rng.randint(1, 4), rng.randint(1, 5)
+            present = rng.randint(1, h * w) if rng.random() < 0.4 else h * w
+            images.append((len(ids), h, w, present))
+            for p in range(present):
+                ids += [5] + [9] * ((p + 1) % w == 0)
+            ids.append(3)
+        if rng.random() < 0.5:
+            ids.pop()  # the last image still being generated
+        seqs.append((ids, images))
+    t = max(len(ids) for ids, _ in seqs) + rng.randint(0, 2)
+    all_ids, mask, route, images, strides = [], [], [], [], []
+    for b, (ids, ims) in enumerate(seqs):
+        left = rng.choice([0, t - len(ids)])
+        right = t - len(ids) - left
+        all_ids += [0] * left + ids + [0] * right
+        mask += [0] * left + [1] * len(ids) + [0] * right
+        route += [-1] * left + [int(i == 5) for i in ids] + [-1] * right
+        images += [(b * t + left + s, h, w, p) for s, h, w, p in ims]
+        strides += [w + 1 for _, _, w, _ in ims]
+    layout = Layout((len(seqs), t), route, images, strides=strides)
+    shape = (len(seqs), t)
+    return layout, torch.tensor(all_ids).reshape(shape), torch.tensor(mask).reshape(shape)
+
+
+@pytest.mark.parametrize("k,causal", WINDOWS)
+@pytest.mark.parametrize("seed", range(16))
+def test_from_input_ids_with_row_ends_reads_sizes_from_the_sequence(seed, k, causal):
+    """Each image's width from its first row end, its rows at stride W + 1: the same tables as
+    the brute force over the true layout (a first row still being generated has its length so
+    far as width, which no window can tell from the true one)."""
+    layout, ids, mask = _rows_layout(seed)
+    plan = RoutingPlan.from_input_ids(ids, [5], None, attention_mask=mask, kernel_size=k,
+                                      causal=causal, row_end_ids=[9])
+    nbr, nbr_t = brute_force_tables(layout, k, causal)
+    assert plan.route.tolist() == layout.route
+    assert torch.equal(plan.nbr, nbr) and torch.equal(plan.nbr_t, nbr_t)
+    whole = [(s, h, w, w + 1) for s, h, w, p in layout.images if p == h * w]
+    assert set(whole) <= set(map(tuple, plan.images.tolist()))
+
+
+def test_from_input_ids_with_row_ends_counts_rows_present():
+    """A 2 x 3 image, then one being generated (its second row begun): the images table."""
+    ids = torch.tensor([1, 5, 5, 5, 9, 5, 5, 5, 9, 3, 1, 5, 5, 9, 5])
+    plan = RoutingPlan.from_input_ids(ids, [5], None, row_end_ids=[9])
+    assert plan.images.tolist() == [[1, 2, 3, 4], [11, 2, 2, 3]]
+    assert plan.route.tolist() == [0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 1]
+    assert plan.nbr[14].tolist() == [-1, 11, -1, 14]  # row 1, column 0: above it, token 11
 
 
 def test_from_input_ids_flat_and_without_mask():
