@@ -67,6 +67,13 @@ def test_construction_never_syncs_with_the_host():
     plan = RoutingPlan.from_input_ids(ids, [5, 6], (2, 2), attention_mask=torch.ones_like(ids),
                                       kernel_size=3, validate=False)
     assert plan.nbr_t.shape == (18, 9)
+    plan = RoutingPlan.from_input_ids(ids, [5, 6], None, attention_mask=torch.ones_like(ids),
+                                      validate=False, row_end_ids=[9])
+    assert plan.nbr.shape == (18, 4)
+    strided = RoutingPlan.from_spans(torch.ones(2, 9, dtype=torch.int64, device="meta"),
+                                     torch.tensor([[0, 2, 2, 3], [9, 3, 3, 3]], device="meta"),
+                                     validate=False)
+    assert strided.nbr_t.shape == (18, 4)
 
 
 def _ids_for(layout: Layout, image_ids=(7, 8, 9)):
