@@ -71,6 +71,8 @@ class MossModel(nn.Module):
         self.moss_config = dataclasses.replace(cfg, target_modules=list(names))
         self.router = Router()
         self.image_token_ids, self.image_grid = ids, grid
+        self.row_end_ids = spec.row_end_ids(model) if ids is not None else None
+        self._unroutable = spec.unroutable_ids(model)
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -97,8 +99,9 @@ class MossModel(nn.Module):
         """Run the backbone on a routed batch.
 
         ``route`` [B, T] (-1 padding, 0 text, 1 image) with ``images`` [n, 3] rows
-        ``(flat start, H, W)`` give the layout explicitly (embedding-fed backbones, Emu2);
-        otherwise it follows from ``input_ids`` (image token ids and grid of the backbone or
+        ``(flat start, H, W)``, or [n, 4] rows with a row stride (rows separated by other
+        tokens), give the layout explicitly (embedding-fed backbones, Emu2); otherwise it
+        follows from ``input_ids`` (image token ids and grid, or row ends, of the backbone or
         the MossConfig) and ``attention_mask``.
         """
         if route is not None:
@@ -130,6 +133,11 @@ class MossModel(nn.Module):
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         if past:  # checked here, so that every door to generate (PEFT's too) is covered
+            if self.row_end_ids is not None:
+                raise NotImplementedError(
+                    f"decoding: the {self.backbone.name} backbone's images are rows closed by "
+                    f"row-end tokens, whose incremental decode state is not implemented yet; "
+                    f"full forwards (training, scoring) are supported")
             if not self.moss_config.causal:
                 raise ValueError("causal: adapters trained with causal=False see tokens to "
                                  "their right and cannot decode incrementally")
@@ -138,6 +146,14 @@ class MossModel(nn.Module):
         ids, grid, causal = self.image_token_ids, self.image_grid, self.moss_config.causal
 
         validate = reads_values(input_ids)
+        if validate and self._unroutable and bool(
+                torch.isin(input_ids, torch.tensor(self._unroutable)).any()):
+            raise ValueError(
+                f"input_ids: hold the {self.backbone.name} image placeholder "
+                f"{self._unroutable}, which the model replaces by embeddings whose rows MOSS "
+                f"cannot see; put the image's own tokens in its place (docs: "
+                f"moss/backbones/{self.backbone.name}.py)")
+        rows = self.row_end_ids
 
         def build(window, with_images):
             if ids is None or not with_images:  # every (unpadded) token text
@@ -145,7 +161,8 @@ class MossModel(nn.Module):
                                                      mask, kernel_size=window, causal=causal,
                                                      validate=validate)
             return mk.RoutingPlan.from_input_ids(input_ids, ids, grid, mask, kernel_size=window,
-                                                 causal=causal, validate=validate)
+                                                 causal=causal, validate=validate,
+                                                 row_end_ids=rows)
         self.router.begin_plan(build, prefill_ids=input_ids if cache is not None else None,
                                image_ids=ids, grid=grid, mask=mask)
         if cache is not None:
@@ -166,7 +183,9 @@ class MossModel(nn.Module):
             raise ValueError(f"route: expected shape {tuple(shape)} like the inputs, got "
                              f"{tuple(route.shape)}")
         route = route.reshape(shape) if cu_seqlens is None else route.reshape(-1)
-        images = torch.as_tensor(images, dtype=torch.int64, device=route.device).reshape(-1, 3)
+        images = torch.as_tensor(images, dtype=torch.int64, device=route.device)
+        if images.dim() != 2:  # (an empty list); [n, 4] rows carry row strides
+            images = images.reshape(-1, 3)
         causal, validate = self.moss_config.causal, reads_values(route)
 
         def build(window, with_images):

@@ -310,3 +310,24 @@ def tiny_chameleon(seed=0):
                                        num_key_value_heads=2, vq_config=vq,
                                        vocabulary_map=vocab, image_token_id=3)
     return transformers.ChameleonForConditionalGeneration(cfg).eval()
+
+
+#: The tiny Emu3's visual tokens (64 VQ codes), row end and <image> placeholder.
+EMU3_VISUAL, EMU3_EOL, EMU3_PLACEHOLDER = list(range(100, 164)), 90, 91
+
+
+def tiny_emu3(seed=0):
+    """A 2-layer Emu3 built from its config (text and VQ configs), random weights."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vocab = {f"<|visual token {i:06d}|>": tok for i, tok in enumerate(EMU3_VISUAL)}
+    vocab.update({"<|extra_200|>": EMU3_EOL, "<image>": EMU3_PLACEHOLDER})
+    vq = dict(codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
+              channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[], hidden_size=32,
+              num_attention_heads=1, temporal_downsample_factor=1)
+    text = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.Emu3Config(vq_config=vq, text_config=text, vocabulary_map=vocab)
+    return transformers.Emu3ForConditionalGeneration(cfg).eval()

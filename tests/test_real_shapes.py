@@ -12,6 +12,8 @@ import torch
 from transformers import (
     ChameleonConfig,
     ChameleonForConditionalGeneration,
+    Emu3Config,
+    Emu3ForConditionalGeneration,
     LlamaConfig,
     LlamaForCausalLM,
 )
@@ -45,10 +47,23 @@ def llama_33b():
                                         num_key_value_heads=52, vocab_size=32000))
 
 
+def emu3_8b():
+    """BAAI/Emu3-Gen's dimensions (Emu3Config's VQ defaults are Emu3's VQ-VAE); a vocabulary
+    map of the real layout (32768 visual tokens after the text vocabulary)."""
+    vmap = {f"<|visual token {i:06d}|>": 151854 + i for i in range(32768)}
+    vmap.update({"<|extra_200|>": 151850, "<image>": 151852})
+    text = dict(vocab_size=184622, hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                max_position_embeddings=9216, pad_token_id=151643, bos_token_id=151849,
+                eos_token_id=151850)
+    return Emu3ForConditionalGeneration(Emu3Config(text_config=text, vocabulary_map=vmap))
+
+
 #: name in README -> (builder, base parameters, {rank: adapter parameters at K 2})
 CASES = {
     "Chameleon-7B / Anole-7B": (chameleon_7b, 7_043_090_432,
                                 {16: 134_610_944, 256: 2_153_775_104}),
+    "Emu3-8B": (emu3_8b, 8_762_751_807, {16: 143_654_912, 256: 2_298_478_592}),
     "Llama-3-8B": (llama_3_8b, 8_030_261_248, {16: 143_654_912, 256: 2_298_478_592}),
     "LLaMA-33B (Emu2's language model)": (llama_33b, 32_528_943_616,
                                           {16: 410_419_200, 256: 6_566_707_200}),
@@ -80,6 +95,9 @@ def test_published_sizes_get_the_documented_adapters(name, rank):
     assert all(p.device.type == "meta" for p in moss.parameters())  # nothing was materialised
     if name.startswith("Chameleon"):  # the image tokens and grid found in the config
         assert len(moss.image_token_ids) == 8192 + 1 and moss.image_grid == (32, 32)
+    if name.startswith("Emu3"):  # visual tokens and the row end; sizes from the sequence
+        assert len(moss.image_token_ids) == 32768 and moss.row_end_ids == [151850]
+        assert moss.image_grid is None
     # What README.md promises for this model and rank.
     row = next(line for line in README.splitlines() if line.startswith(f"| {name} |"))
     assert f"{base_params / 1e9:.2f} B" in row and f"{adapters[rank]:,}" in row

@@ -6,7 +6,8 @@ A spec answers, for one model family:
 * which ``nn.Linear`` modules are adapted by default (``targets``) and which never are (a
   vision tower's or VQ-VAE's, ``never_wrap``);
 * how image tokens are found for routing from ``input_ids`` (``image_tokens``: their ids and
-  H x W grid), and whether the model masks their logits (``unmask_image_logits``);
+  H x W grid; ``row_end_ids`` when rows are separated and sizes read from the sequence), and
+  whether the model masks their logits (``unmask_image_logits``);
 * when it has one (``has_vocabulary``), how it spells interleaved data (``vocabulary``: text
   encoder, image-code tokens, begin / end of image, the VQ encoder that turns an image file
   into codes) and how a local checkpoint is loaded (``load_model``), for ``moss train`` /
@@ -79,6 +80,17 @@ class BackboneSpec:
             raise ValueError("image_grid: the backbone has image tokens but no known grid; set "
                              "MossConfig(image_grid=(H, W))")
         return ids, grid
+
+    def row_end_ids(self, model: nn.Module) -> list[int] | None:
+        """Token ids that close each image row (Emu3's end-of-line), when images are rows
+        separated by them and sized in the sequence (``RoutingPlan.from_input_ids(...,
+        row_end_ids=...)``); None: images are H x W runs of image tokens on the grid."""
+        return None
+
+    def unroutable_ids(self, model: nn.Module) -> list[int]:
+        """Token ids that cannot be routed from ``input_ids`` (placeholders the model replaces
+        by embeddings whose layout they do not say); a batch holding one is refused."""
+        return []
 
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         """The transformer blocks, in order (what FSDP2 shards one by one); Llama-family
