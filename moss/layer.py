@@ -99,7 +99,7 @@ class MossLinear(nn.Module):
                 batch = torch.arange(ring.shape[0], device=ring.device)
                 slot = step.pos[j] % ring.shape[1]
                 router.undo.setdefault(id(self), []).append((slot, ring[batch, slot].clone()))
-            ys.append(moss_decode(x[:, j], *packed, ring, kind[j], step.pos[j], step.width,
+            ys.append(moss_decode(x[:, j], *packed, ring, kind[j], step.pos[j], step.width[j],
                                   self.text_A.shape[0], k, self.backend))
         return torch.stack(ys, 1)
 

@@ -133,11 +133,6 @@ class MossModel(nn.Module):
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         if past:  # checked here, so that every door to generate (PEFT's too) is covered
-            if self.row_end_ids is not None:
-                raise NotImplementedError(
-                    f"decoding: the {self.backbone.name} backbone's images are rows closed by "
-                    f"row-end tokens, whose incremental decode state is not implemented yet; "
-                    f"full forwards (training, scoring) are supported")
             if not self.moss_config.causal:
                 raise ValueError("causal: adapters trained with causal=False see tokens to "
                                  "their right and cannot decode incrementally")
@@ -164,7 +159,8 @@ class MossModel(nn.Module):
                                                  causal=causal, validate=validate,
                                                  row_end_ids=rows)
         self.router.begin_plan(build, prefill_ids=input_ids if cache is not None else None,
-                               image_ids=ids, grid=grid, mask=mask)
+                               image_ids=ids, grid=grid, mask=mask, row_ends=rows,
+                               max_width=self.backbone.max_image_width)
         if cache is not None:
             self.router.follow(cache)
         return self._pass_routing(args, kwargs)

@@ -10,7 +10,11 @@ Two modes, switched by :class:`moss.model.MossModel` around each call of the bac
   from each layer's ring of past tap products (docs/design.md section 5). The per-sequence
   state kept here is the length of the trailing run of image tokens (as in
   ``RoutingPlan.from_input_ids``, a run is cut into consecutive H x W images, so the new
-  token's position in its image is ``(run - 1) % (H*W)``) and the rings, by layer.
+  token's position in its image is ``(run - 1) % (H*W)``) and the rings, by layer. For
+  backbones whose image rows are closed by row-end tokens (Emu3) the state is instead
+  ``[B, 4]``: rows closed, column, the image's width (0 while its first row is open) and
+  whether the last token closed a row (:func:`_advance`, :func:`_row_states`); the position is
+  ``row * W + column - 1``, the first row's taken on the ring's design width.
 
 Gradient checkpointing re-runs a decoder layer during the backward pass, after the call that
 routed it has ended, and possibly after later calls (two forwards, one backward). The routing
@@ -46,7 +50,7 @@ class DecodeStep:
     kind: torch.Tensor  # [T, B] int8: each new token is text (0), image (1) or padding (-1)
     pos: torch.Tensor  # [T, B] int64: its position in its image (valid for image tokens)
     grid: tuple[int, int]
-    width: torch.Tensor  # [B] int64: each sequence's image width (the decode op's per row)
+    width: torch.Tensor  # [T, B] int64: the width of its image (the decode op's, per row)
 
 
 class Routing:
@@ -68,7 +72,9 @@ class Router:
         self.mode = None
         self.current: Routing | None = None
         self.step: DecodeStep | None = None
-        self.run: torch.Tensor | None = None  # [B] trailing image-run length, across calls
+        # [B] trailing image-run length, or [B, 4] rows state (module docstring), across calls
+        self.run: torch.Tensor | None = None
+        self.row_ends: torch.Tensor | None = None  # lookup table of row-end ids, or None
         self.grid: tuple[int, int] | None = None
         self.rings: dict[int, torch.Tensor] = {}  # layer id -> [B, L, K*K*R_i]
         self.packed: dict[int, tuple] = {}  # layer id -> its weights, packed for decoding
@@ -89,13 +95,18 @@ class Router:
         return self.mode is not None
 
     def begin_plan(self, build, prefill_ids=None, image_ids=None, grid=None,
-                   mask=None) -> Routing:
+                   mask=None, row_ends=None, max_width=None) -> Routing:
         """``build(window, with_images) -> RoutingPlan``; with ``prefill_ids`` a generation starts:
-        the decode state is reset from the prompt and the layers seed their rings."""
+        the decode state is reset from the prompt and the layers seed their rings. With
+        ``row_ends`` (ids closing image rows) images are sized in the sequence, at most
+        ``max_width`` wide."""
         self._enter("plan")
         self.current = Routing(build)
         self.fill = prefill_ids is not None
-        if self.fill:
+        if self.fill and row_ends is not None:
+            self._begin_rows(prefill_ids, image_ids, mask, row_ends, max_width)
+        elif self.fill:
+            self.row_ends = None
             self.image_table = _image_table(image_ids, prefill_ids.device)
             is_img = _is_image(prefill_ids, self.image_table, mask)
             # The run of image tokens ending at each position (a prompt may end inside an
@@ -111,6 +122,32 @@ class Router:
             self.undo, self.seeds = None, {}
         return self.current
 
+    def _begin_rows(self, prefill_ids, image_ids, mask, row_ends, max_width) -> None:
+        """:meth:`begin_plan`'s prefill for images of rows closed by row-end tokens: the rows
+        state after every prompt position (the last PREFILL_UNDO kept for a crop), and each
+        position's image and grid position (newest first) to seed the rings from."""
+        device = prefill_ids.device
+        self.image_table = _image_table(image_ids, device)
+        self.row_ends = _image_table(row_ends, device)
+        is_img = _is_image(prefill_ids, self.image_table, mask)
+        is_end = _is_image(prefill_ids, self.row_ends, mask)
+        states, start = _row_states(is_img, is_end)
+        width = states[..., 2]
+        row_len = torch.where(width > 0, width, states[..., 1])  # (a first row: so far)
+        if row_len.device.type == "cpu" and bool((row_len > max_width).any()):  # no GPU sync
+            raise ValueError(f"input_ids: an image row of {int(row_len.max())} tokens, wider "
+                             f"than the backbone's max_image_width ({max_width}) that the "
+                             f"decode state holds")
+        pos = torch.where(is_img, states[..., 0] * width + states[..., 1] - 1, -1)
+        self.tail = (start.flip(1), pos.flip(1))
+        keep = min(PREFILL_UNDO, is_img.shape[1] - 1)
+        self.history = [states[:, -1 - i] for i in range(keep, -1, -1)]
+        self.run = self.history[-1]
+        # The ring's design width, one over the widest image: its S slots then span the K-1
+        # rows before a token together with their row ends.
+        self.grid, self.rings, self.packed = (1, max_width + 1), {}, {}
+        self.undo, self.seeds = None, {}
+
     def begin_decode(self, input_ids, mask):
         """A call with a KV cache: its T new tokens' kinds and positions, one token after the
         other (assisted decoding verifies several at once). The image-run length before and
@@ -123,17 +160,30 @@ class Router:
         t = input_ids.shape[1]
         h, w = self.grid if self.grid else (1, 1)
         pad = (mask[:, -t:] == 0) if mask is not None else torch.zeros_like(is_img)
-        runs, pos = [self.run], []
-        for j in range(t):
+        runs, pos, widths = [self.run], [], []
+        if self.row_ends is not None:
+            is_end = _is_image(input_ids, self.row_ends, mask)
+            for j in range(t):
+                runs.append(_advance(runs[-1], is_img[:, j], is_end[:, j]))
+                row, col, width, _ = runs[-1].unbind(-1)
+                row_len = torch.where(width > 0, width, col)  # (the first row: so far)
+                if row_len.device.type == "cpu" and bool((row_len >= w).any()):  # no GPU sync
+                    raise ValueError(f"input_ids: an image row of {int(row_len.max())} tokens, "
+                                     f"wider than the backbone's max_image_width ({w - 1}) "
+                                     f"that the decode state holds")
+                widths.append(torch.where(width > 0, width, w))  # the first row: row 0
+                pos.append((row * widths[-1] + col - 1).clamp(min=0))
+        for j in range(t if self.row_ends is None else 0):
             runs.append(torch.where(is_img[:, j], runs[-1] + 1, torch.zeros_like(self.run)))
             pos.append((runs[-1] - 1).clamp(min=0) % (h * w))
+            widths.append(torch.full_like(self.run, w))
         # Only a call of several tokens (drafts being verified) can be cropped back: a single
         # token's call keeps no undo log (it would cost a copy per layer and token).
         self.run, self.undo, self.seeds = runs[-1], {}, {}
         self.history = runs if t > 1 else runs[-1:]
         kind = torch.where(is_img, 1, torch.where(pad, -1, 0)).to(torch.int8)
         self.step = DecodeStep(kind.t().contiguous(), torch.stack(pos), (h, w),
-                               torch.full_like(self.run, w))
+                               torch.stack(widths))
 
     def end(self):
         self.mode, self.current, self.step, self.fill = None, None, None, False
@@ -205,12 +255,31 @@ class Router:
         slots, C]`` holds the tap products of the prompt's last positions, newest first; the
         ``slots`` before the last ``n`` go to the ring slots of their positions in the image the
         shortened prompt ends in."""
+        if self.row_ends is not None:
+            return self._seeded_rows(taps, n, slots)
         h, w = self.grid
         back = torch.arange(slots, device=taps.device)
         pos_last = (self.history[-1 - n] - 1).clamp(min=0) % (h * w)
         index = (pos_last[:, None] - back[None]) % slots  # distinct within a row
         rows = taps[:, n:n + slots]
         return torch.zeros_like(rows).scatter_(1, index[..., None].expand_as(rows), rows)
+
+    def _seeded_rows(self, taps: torch.Tensor, n: int, slots: int) -> torch.Tensor:
+        """:meth:`seeded_ring` for images of rows: of the ``slots`` positions before the last
+        ``n``, the image tokens of the image the shortened prompt ends in (row ends and other
+        images' tokens go to a dropped slot)."""
+        start, pos = (t[:, n:n + slots] for t in self.tail)
+        short = slots - start.shape[1]  # a prompt shorter than the ring
+        if short > 0:
+            start = torch.cat([start, start.new_full((start.shape[0], short), -1)], 1)
+            pos = torch.cat([pos, pos.new_full((pos.shape[0], short), -1)], 1)
+        state = self.history[-1 - n]
+        inside = (state[:, 1] > 0) | (state[:, 3] > 0)  # in an image's row, or just closed one
+        ok = inside[:, None] & (pos >= 0) & (start == self.tail[0][:, n:n + 1])
+        index = torch.where(ok, pos % slots, slots)
+        rows = taps[:, n:n + slots]
+        out = rows.new_zeros(rows.shape[0], slots + 1, rows.shape[2])
+        return out.scatter_(1, index[..., None].expand_as(rows), rows)[:, :slots].contiguous()
 
     def _select(self, rows: torch.Tensor) -> None:
         self.run = self.run[rows.to(self.run.device)]
@@ -261,6 +330,49 @@ class Router:
         raise RuntimeError(
             "a MOSS layer ran outside MossModel.forward: call the wrapped model (the object "
             "get_moss_model returned), which routes the batch, not its inner modules")
+
+
+def _advance(state: torch.Tensor, img: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """The rows state ``[B, 4]`` (rows closed, column, width or 0, row just closed) after one
+    token per sequence: an image token continues its image when a row is open or was just
+    closed, else starts one; a row end after image tokens closes the row (its length is the
+    width, if not known yet); anything else leaves every image (all zero)."""
+    row, col, width, closed = state.unbind(-1)
+    go_on = img & ((col > 0) | (closed > 0))
+    close = end & (col > 0)
+    zero = torch.zeros_like(row)
+    new_row = torch.where(go_on, row, torch.where(close, row + 1, zero))
+    new_width = torch.where(go_on, width, torch.where(close & (width == 0), col,
+                                                      torch.where(close, width, zero)))
+    new_col = torch.where(go_on, col + 1, torch.where(img, 1, zero))
+    return torch.stack([new_row, new_col, new_width, close.long()], -1)
+
+
+def _row_states(is_img: torch.Tensor, is_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(states [B, T, 4], image start [B, T])``: :func:`_advance`'s state after each prompt
+    position, vectorised as ``RoutingPlan.from_input_ids`` finds rows (an image's width is its
+    first row's length, its rows at stride W + 1), and the position of each token's image head
+    (-1 before any)."""
+    b, n = is_img.shape
+    t = torch.arange(n, device=is_img.device).expand(b, n)
+
+    def before(flags, d):
+        return torch.cat([flags.new_zeros(b, min(d, n)), flags[:, :max(n - d, 0)]], 1)
+
+    next_row = is_img & ~before(is_img, 1) & before(is_end, 1) & before(is_img, 2)
+    head = is_img & ~before(is_img, 1) & ~next_row
+    start = torch.where(head, t, -1).cummax(1).values
+    stop = torch.where(is_img, n, t)  # the first non-image position at or after each one
+    next_stop = stop.flip(1).cummin(1).values.flip(1)
+    first_end = next_stop.gather(1, start.clamp(min=0))  # where the first row ends
+    stride = first_end - start + 1
+    rel = t - start
+    close = is_end & before(is_img, 1)
+    zero = torch.zeros_like(t)
+    row = torch.where(is_img, rel // stride, torch.where(close, rel // stride + 1, zero))
+    col = torch.where(is_img, rel % stride + 1, zero)
+    width = torch.where((is_img | close) & (t >= first_end), stride - 1, zero)
+    return torch.stack([row, col, width, close.long()], -1), start
 
 
 def _image_table(image_ids, device) -> torch.Tensor | None:

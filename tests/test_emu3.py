@@ -1,7 +1,8 @@
 """The Emu3 backbone (moss/backbones/emu3.py) on a tiny Emu3 built from its config: images as
 rows of visual tokens closed by end-of-line tokens, sizes read from the sequence; routing by id
 equals the explicit layout with row strides, training reaches the ConvLoRA, save / load round
-trips; placeholders and incremental decoding are refused with clear errors."""
+trips, prefill + decode (token by token, several tokens a call, crops) equals the full forward;
+placeholders are refused with a clear error."""
 
 import pytest
 import torch
@@ -87,11 +88,94 @@ def test_a_training_step_reaches_both_adapters_and_a_checkpoint_round_trips(tmp_
                                    moss(input_ids=ids, attention_mask=mask).logits)
 
 
-def test_placeholders_and_incremental_decoding_are_refused():
+def test_placeholders_are_refused():
     moss = _moss()
-    ids, mask, _, _ = _batch()
     with pytest.raises(ValueError, match=r"input_ids: hold the emu3 image placeholder \[91\]"):
         moss(input_ids=torch.tensor([[1, EMU3_PLACEHOLDER, 2]]))
-    with pytest.raises(NotImplementedError, match="row-end tokens, whose incremental decode"):
-        moss.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=2,
-                      do_sample=False)
+
+
+@pytest.mark.parametrize("prefix", [2, 4, 6, 10, 14])
+def test_prefill_then_token_by_token_decode_equals_the_full_forward(prefix):
+    """The prompt ends in text, inside an image's first row (width unknown yet), right after a
+    row end, after an image, inside a second image's first row; then token by token across row
+    ends, a new image and its rows, with a left-padded row of another image width beside."""
+    import transformers
+
+    moss = _moss()
+    ids, mask, _, _ = _batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = moss(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        cache = transformers.DynamicCache()
+        out = moss(input_ids=ids[:, :prefix], attention_mask=mask[:, :prefix],
+                   position_ids=positions[:, :prefix], use_cache=True, past_key_values=cache)
+        torch.testing.assert_close(out.logits, full[:, :prefix], rtol=1e-4, atol=1e-4)
+        for t in range(prefix, ids.shape[1]):
+            out = moss(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                       position_ids=positions[:, t:t + 1], use_cache=True, past_key_values=cache)
+            torch.testing.assert_close(out.logits[:, -1], full[:, t], rtol=1e-4, atol=1e-4,
+                                       msg=f"prefix {prefix}, step {t}")
+
+
+def test_greedy_generation_is_what_the_full_forward_predicts():
+    """generate() with the adapters (the image logits are all the model's: Emu3 masks none):
+    each new token is the argmax of a full forward over what came before."""
+    moss = _moss()
+    ids, mask, _, _ = _batch()
+    prompt = ids[:1, :8]
+    out = moss.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        logits = moss(input_ids=out[:, :-1]).logits
+    assert torch.equal(out[0, 8:], logits[0, 7:].argmax(-1))
+
+
+@pytest.mark.parametrize("prefix,chunk", [(4, 3), (6, 5), (14, 2)])
+def test_decode_calls_of_several_tokens_and_crops_follow_the_rows(prefix, chunk):
+    """Assisted decoding's moves on Emu3's layout: several tokens per cached call (across row
+    ends and image starts) == the full forward; and a crop of such a call, or of the prefill's
+    last tokens, then other tokens == as if the others had come first."""
+    import transformers
+
+    moss = _moss()
+    ids, mask, _, _ = _batch()
+    ids, mask = ids[:1], mask[:1]  # unpadded: positions are the token indices
+    with torch.no_grad():
+        full = moss(input_ids=ids).logits
+        cache = transformers.DynamicCache()
+        got = [moss(input_ids=ids[:, :prefix], use_cache=True, past_key_values=cache).logits]
+        for t in range(prefix, ids.shape[1], chunk):
+            got.append(moss(input_ids=ids[:, t:t + chunk], use_cache=True,
+                            past_key_values=cache).logits)
+        torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-4, atol=1e-4)
+        # Tried: 3 other tokens after the prefix (an image row of other codes), cropped.
+        tried = torch.tensor([[V[20], V[21], EMU3_EOL]])
+        for first in ("prefill", "call"):
+            cache = transformers.DynamicCache()
+            if first == "prefill":
+                moss(input_ids=torch.cat([ids[:, :prefix], tried], 1), use_cache=True,
+                     past_key_values=cache)
+            else:
+                moss(input_ids=ids[:, :prefix], use_cache=True, past_key_values=cache)
+                moss(input_ids=tried, use_cache=True, past_key_values=cache)
+            cache.crop(-3)
+            rest = moss(input_ids=ids[:, prefix:], use_cache=True, past_key_values=cache).logits
+            torch.testing.assert_close(rest, full[:, prefix:], rtol=1e-4, atol=1e-4,
+                                       msg=f"crop after the {first}")
+
+
+def test_an_image_wider_than_the_decode_state_holds_is_refused(monkeypatch):
+    """The rings are sized for the backbone's max_image_width: a wider row, in the prompt or
+    generated, is a clear error (checked where the ids are on the host)."""
+    import transformers
+
+    moss = _moss()
+    monkeypatch.setattr(moss.backbone, "max_image_width", 2)
+    wide = torch.tensor([[1, V[0], V[1], V[2], EMU3_EOL]])
+    with torch.no_grad(), pytest.raises(ValueError, match="wider than the backbone's "
+                                                          r"max_image_width \(2\)"):
+        moss(input_ids=wide, use_cache=True, past_key_values=transformers.DynamicCache())
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        moss(input_ids=wide[:, :3], use_cache=True, past_key_values=cache)
+        with pytest.raises(ValueError, match=r"an image row of 3 tokens, wider"):
+            moss(input_ids=wide[:, 3:4], use_cache=True, past_key_values=cache)  # row still open

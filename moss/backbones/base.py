@@ -68,6 +68,9 @@ class BackboneSpec:
     #: Module-path components whose linear layers are never adapted: an image tokenizer's
     #: (transformers names it ``vqmodel`` in Chameleon, Emu3 and Janus) is not the language model.
     never_wrap: tuple[str, ...] = ("vqmodel",)
+    #: With row ends (:meth:`row_end_ids`): the widest image the decode state holds (its ring
+    #: of tap products is sized for it).
+    max_image_width = 0
     #: Whether :meth:`vocabulary` exists: the backbone spells images as tokens moss can read
     #: and write (what ``moss train`` / ``generate`` need).
     has_vocabulary = False

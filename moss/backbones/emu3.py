@@ -11,9 +11,9 @@ What MOSS routes is visual tokens in ``input_ids``, as Emu3's generations and it
 training data hold them; a batch that still holds ``<image>`` placeholders (to be replaced by
 ``pixel_values``' embeddings inside the model) is refused, since the placeholders do not say
 which positions are row ends (``model.model.get_image_tokens`` gives the visual tokens and row
-ends to put in their place). Incremental decoding of row-separated images is not supported
-yet: a decode step is refused with a NotImplementedError (the full forward, training, saving
-and loading work).
+ends to put in their place). Generation keeps, per sequence, the rows closed, the column and
+the image's width (moss/router.py), so prefill + decode equals the full forward; the decode
+state holds images up to ``max_image_width`` wide.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ ROW_END = "<|extra_200|>"
 class Emu3Spec(BackboneSpec):
     name = "emu3"
     model_types = ("emu3",)
+    # Room for images 1024 px wide at the VQ-VAE's 8x downsampling (128 tokens a row).
+    max_image_width = 128
 
     def image_tokens(self, model, ids, grid):
         if grid is not None:
