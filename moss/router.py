@@ -149,10 +149,11 @@ class Router:
         self.undo, self.seeds = None, {}
 
     def begin_decode(self, input_ids, mask):
-        """A call with a KV cache: its T new tokens' kinds and positions, one token after the
-        other (assisted decoding verifies several at once). The image-run length before and
-        after each token is kept, and the layers log the ring slots they overwrite, so that a
-        crop of this call's tokens can be undone (:meth:`follow`)."""
+        """A call with a KV cache: its T new tokens' kinds, positions and image widths, one token
+        after the other (assisted decoding verifies several at once). The state (image-run
+        length, or rows state) before and after each token is kept, and the layers log the ring
+        slots they overwrite, so that a crop of this call's tokens can be undone
+        (:meth:`follow`)."""
         if self.run is None:
             raise RuntimeError("a decode step (a call with a KV cache) came before its prefill")
         self._enter("decode")
@@ -173,10 +174,11 @@ class Router:
                                      f"that the decode state holds")
                 widths.append(torch.where(width > 0, width, w))  # the first row: row 0
                 pos.append((row * widths[-1] + col - 1).clamp(min=0))
-        for j in range(t if self.row_ends is None else 0):
-            runs.append(torch.where(is_img[:, j], runs[-1] + 1, torch.zeros_like(self.run)))
-            pos.append((runs[-1] - 1).clamp(min=0) % (h * w))
-            widths.append(torch.full_like(self.run, w))
+        else:
+            for j in range(t):
+                runs.append(torch.where(is_img[:, j], runs[-1] + 1, torch.zeros_like(self.run)))
+                pos.append((runs[-1] - 1).clamp(min=0) % (h * w))
+                widths.append(torch.full_like(self.run, w))
         # Only a call of several tokens (drafts being verified) can be cropped back: a single
         # token's call keeps no undo log (it would cost a copy per layer and token).
         self.run, self.undo, self.seeds = runs[-1], {}, {}
