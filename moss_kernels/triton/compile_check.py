@@ -162,7 +162,7 @@ def pack_cases(all_configs: bool):
 def decode_cases(all_configs: bool):
     from .decode import _decode_taps_kernel
 
-    for dtype, k, block_r in itertools.product(DTYPES, (1, 2, 3), (16, 32, 64)):
+    for dtype, k, block_r in itertools.product(DTYPES, (1, 2, 3), (16, 32, 64, 128)):
         if not (all_configs or block_r == 16 or (dtype == "bf16" and k == 3)):
             continue
         rank = "fp32" if dtype == "fp16" else dtype  # P and the ring: ring_dtype

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .gemm import empty
+from .route import block_r
 
 
 @triton.jit
@@ -107,8 +108,3 @@ def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     if a.device.type == "cuda":
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
-
-
-def block_r(r_t: int, r_i: int) -> int:
-    """Rank chunk: the larger rank rounded up to a power of two, within [16, 64]."""
-    return min(max(triton.next_power_of_2(max(r_t, r_i, 1)), 16), 64)
