@@ -8,14 +8,16 @@ One record a line::
         {"role": "assistant", "type": "image", "codes": [12, 12, 40, ...]},   # H*W VQ codes
         {"role": "assistant", "type": "text", "text": "A red square."}]}
 
-Text goes through the backbone's tokenizer; an image is its VQ code list (row-major, H*W codes)
+Text goes through the backbone's tokenizer; an image is its VQ codes (row-major: a flat list
+of H*W codes on the backbone's grid or on the segment's ``"grid": [H, W]``, or a list of H rows
+of W codes; a size other than the backbone's only where images carry their sizes, as Emu3's do)
 or an image file (``"path"``, relative to the JSONL file) that the backbone's VQ tokenizer
-turns into codes; codes map to the backbone's image token ids, wrapped in begin/end-of-image
-tokens (how a backbone spells these is its :class:`~moss.backbones.Vocabulary`). Labels cover
-the assistant segments only (the response); ``include_image_loss=False`` leaves image tokens
-out of the loss. The layout needs nothing more: image tokens are
-recognised by id (routing from ``input_ids``). Malformed records raise ``ValueError`` naming
-the file, line, record and field.
+turns into codes; codes map to the backbone's image token ids, spelled as the backbone
+writes images (begin / end of image; Emu3's size and row ends: its
+:class:`~moss.backbones.Vocabulary`). Labels cover the assistant segments only (the response);
+``include_image_loss=False`` leaves image tokens out of the loss. The layout needs nothing
+more: image tokens are recognised by id (routing from ``input_ids``). Malformed records raise
+``ValueError`` naming the file, line, record and field.
 """
 
 from __future__ import annotations
@@ -43,6 +45,34 @@ def _fail(where: str, field: str, what: str):
     raise ValueError(f"{where}: {field}: {what}")
 
 
+def _image_codes(seg: dict, vocab: Vocabulary, where: str, field: str
+                 ) -> tuple[list[int], tuple[int, int]]:
+    """An image segment's codes (row-major) and grid: ``codes`` as H lists of W codes, or flat
+    with the segment's ``"grid": [H, W]`` (default: the vocabulary's); a backbone whose images
+    all share one grid (Chameleon) takes only that one."""
+    if "codes" not in seg:
+        _fail(where, f"{field}.codes", "missing (give codes or a path)")
+    codes, grid = seg["codes"], seg.get("grid", vocab.grid)
+    if isinstance(codes, list) and codes and all(isinstance(row, list) for row in codes):
+        if len({len(row) for row in codes}) != 1:
+            _fail(where, f"{field}.codes", f"rows of different lengths "
+                  f"{sorted({len(row) for row in codes})}: an image is H rows of W codes")
+        grid, codes = (len(codes), len(codes[0])), [c for row in codes for c in row]
+    if (not isinstance(grid, (list, tuple)) or len(grid) != 2 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid)):
+        _fail(where, f"{field}.grid", f"expected [H, W], two ints >= 1, got {grid!r}")
+    grid = (grid[0], grid[1])
+    if not vocab.sized and grid != tuple(vocab.grid):
+        _fail(where, f"{field}.codes", f"a {grid[0]} x {grid[1]} image; this backbone's images "
+              f"are all {vocab.grid[0]} x {vocab.grid[1]}")
+    n_codes, n_tokens = grid[0] * grid[1], len(vocab.code_to_token)
+    if (not isinstance(codes, list) or len(codes) != n_codes or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < n_tokens for c in codes)):
+        _fail(where, f"{field}.codes", f"expected {n_codes} ints (a {grid[0]} x {grid[1]} grid, "
+              f"flat or as rows) in [0, {n_tokens})")
+    return codes, grid
+
+
 def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: str,
                   base: Path = Path(".")) -> Example:
     if not isinstance(record, dict):
@@ -54,7 +84,6 @@ def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: st
         _fail(where, "segments", "expected a non-empty list")
     ids = [vocab.bos] if vocab.bos is not None else []
     labels = [IGNORE] * len(ids)
-    n_codes = vocab.grid[0] * vocab.grid[1]
     for i, seg in enumerate(segments):
         field = f"segments[{i}]"
         if not isinstance(seg, dict):
@@ -80,15 +109,8 @@ def encode_record(record, vocab: Vocabulary, include_image_loss: bool, where: st
                     seg = {**seg, "codes": vocab.encode_image_file(file)}
                 except (OSError, ValueError) as exc:  # PIL: unreadable or not an image
                     _fail(where, f"{field}.path", f"{file} could not be read as an image ({exc})")
-            if "codes" not in seg:
-                _fail(where, f"{field}.codes", "missing (give codes or a path)")
-            codes = seg["codes"]
-            if (not isinstance(codes, list) or len(codes) != n_codes or not all(
-                    isinstance(c, int) and not isinstance(c, bool)
-                    and 0 <= c < len(vocab.code_to_token) for c in codes)):
-                _fail(where, f"{field}.codes", f"expected {n_codes} ints (a {vocab.grid[0]} x "
-                      f"{vocab.grid[1]} grid) in [0, {len(vocab.code_to_token)})")
-            toks = vocab.image(codes)
+            codes, grid = _image_codes(seg, vocab, where, field)
+            toks = vocab.image(codes, grid)
             learn = role == "assistant" and include_image_loss
         else:
             _fail(where, f"{field}.type", f"expected 'text' or 'image', got {kind!r}")

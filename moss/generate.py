@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a text file, one prompt per line (instead of --prompt), run as a batch")
     p.add_argument("--image", action="store_true",
                    help="start each continuation with an image (the prompt is its caption)")
+    p.add_argument("--image-size", default=None, metavar="HxW",
+                   help="the grid of codes of each generated image, for backbones whose images "
+                        "carry their sizes (Emu3); default: the backbone's")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0)
@@ -60,6 +63,15 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.strip().isdigit() or not w.strip().isdigit() or min(int(h), int(w)) < 1:
+        raise SystemExit(f"moss generate: --image-size: expected HxW (e.g. 4x6), got {text!r}")
+    return int(h), int(w)
+
+
 def generate(args: argparse.Namespace) -> str:
     """What ``moss generate`` prints: each prompt's continuation, rendered (moss/render.py), and
     where its images were written."""
@@ -67,13 +79,16 @@ def generate(args: argparse.Namespace) -> str:
         raise SystemExit("moss generate: --max-new-tokens must be >= 1")
     if args.guidance_scale is not None and args.guidance_scale != args.guidance_scale:
         raise SystemExit("moss generate: --guidance-scale must be a number")
-    prompts = _prompts(args)
+    prompts, grid = _prompts(args), _image_size(args.image_size)
     torch.manual_seed(args.seed)
     with input_errors("generate"):
         model, vocab, decode = backbones.load(args.model)
+        if grid is not None and not vocab.sized and grid != tuple(vocab.grid):
+            raise SystemExit(f"moss generate: --image-size: this backbone's images are all "
+                             f"{vocab.grid[0]}x{vocab.grid[1]}, got {grid[0]}x{grid[1]}")
         moss = MossModel.from_pretrained(model, args.adapter, image_logits=True).eval()
     bos = [vocab.bos] if vocab.bos is not None else []
-    opening = [vocab.begin_image] if args.image else []
+    opening = vocab.opening(grid) if args.image else []
     ids = [bos + list(vocab.encode_text(p)) + opening for p in prompts]
     guided = args.guidance_scale is not None
     if guided:  # the unconditional twins: no caption
@@ -81,7 +96,7 @@ def generate(args: argparse.Namespace) -> str:
     width = max(map(len, ids))
     input_ids = torch.tensor([[vocab.pad] * (width - len(row)) + row for row in ids])
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
-    spans = ImageSpans(vocab)
+    spans = ImageSpans(vocab, grid)
     progress = ImageProgress(spans, [f"prompt {i + 1}" for i in range(len(prompts))])
     processors = [spans, progress]
     if guided:  # it chooses each pair's token, so generate itself decodes greedily
@@ -98,13 +113,13 @@ def generate(args: argparse.Namespace) -> str:
     backbone = backbones.spec_for(model).name
     shown = []
     for i, prompt in enumerate(prompts):
-        tokens = ([vocab.begin_image] if args.image else []) + out[i, width:].tolist()
+        tokens = opening + out[i, width:].tolist()
         lines = [f"[{i + 1}] {prompt}"] if len(prompts) > 1 else []
         lines.append(render(tokens, vocab, decode))
-        for j, (codes, finished) in enumerate(images_of(tokens, vocab)):
+        for j, image in enumerate(images_of(tokens, vocab)):
             path = args.out / f"prompt{i + 1}_image{j + 1}.png"
-            kind = save_png(codes, vocab, path, backbone, finished)
-            lines.append(f"wrote {path} ({kind}{'' if finished else ', unfinished'})")
+            kind = save_png(image, vocab, path, backbone)
+            lines.append(f"wrote {path} ({kind}{'' if image.finished else ', unfinished'})")
         shown.append("\n".join(lines))
     return "\n\n".join(shown)
 

@@ -136,7 +136,7 @@ class MossModel(nn.Module):
             if not self.moss_config.causal:
                 raise ValueError("causal: adapters trained with causal=False see tokens to "
                                  "their right and cannot decode incrementally")
-            self.router.begin_decode(input_ids, mask)
+            self.router.begin_decode(input_ids, mask, reads_values(input_ids))
             return
         ids, grid, causal = self.image_token_ids, self.image_grid, self.moss_config.causal
 
@@ -160,7 +160,7 @@ class MossModel(nn.Module):
                                                  row_end_ids=rows)
         self.router.begin_plan(build, prefill_ids=input_ids if cache is not None else None,
                                image_ids=ids, grid=grid, mask=mask, row_ends=rows,
-                               max_width=self.backbone.max_image_width)
+                               max_width=self.backbone.max_image_width, validate=validate)
         if cache is not None:
             self.router.follow(cache)
         return self._pass_routing(args, kwargs)

@@ -5,7 +5,7 @@ transformers ships no VQ decoder for Chameleon (its ``vqmodel`` only encodes), s
 PNG shows the H x W grid of codes: one cell per code, its colour a fixed function of the code
 (equal codes look equal, neighbouring codes do not look alike), under a caption saying that
 this is a code grid and not the picture. A backbone whose :class:`Vocabulary` has
-``decode_codes`` (codes -> ``[H', W', 3]`` uint8 pixels) gets its real pixels instead.
+``decode_codes`` (rows of codes -> ``[H', W', 3]`` uint8 pixels) gets its real pixels instead.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import colorsys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+import PIL.Image
+from PIL import ImageDraw
 
 from .backbones import Vocabulary
+from .render import CodeImage
 
 CELL = 16  # pixels per code in a code-grid picture
 _CAPTION = 14  # pixels of caption band
@@ -30,32 +32,32 @@ def code_colour(code: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def code_grid(codes: list[int], grid: tuple[int, int], caption: str) -> Image.Image:
+def code_grid(codes: list[int], grid: tuple[int, int], caption: str) -> PIL.Image.Image:
     """The code grid as a picture, with ``caption`` above it (cells not generated: grey)."""
     h, w = grid
     cells = np.full((h, w, 3), 128, dtype=np.uint8)
     for i, c in enumerate(codes[:h * w]):
         cells[i // w, i % w] = code_colour(c)
-    body = Image.fromarray(cells).resize((w * CELL, h * CELL), Image.NEAREST)
+    body = PIL.Image.fromarray(cells).resize((w * CELL, h * CELL), PIL.Image.NEAREST)
     text_width = int(ImageDraw.Draw(body).textlength(caption)) + 4
-    out = Image.new("RGB", (max(body.width, text_width), body.height + _CAPTION), "white")
+    out = PIL.Image.new("RGB", (max(body.width, text_width), body.height + _CAPTION), "white")
     out.paste(body, (0, _CAPTION))
     ImageDraw.Draw(out).text((2, 1), caption, fill="black")
     return out
 
 
-def save_png(codes: list[int], vocab: Vocabulary, path: Path, backbone: str,
-             finished: bool = True) -> str:
+def save_png(image: CodeImage, vocab: Vocabulary, path: Path, backbone: str) -> str:
     """Write one generated image to ``path``; returns what was written (pixels or code grid).
     An unfinished image (generation stopped inside it) is always drawn as its code grid."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if vocab.decode_codes is not None and finished:
-        Image.fromarray(vocab.decode_codes(codes)).save(path)
+    (h, w), codes = image.grid, image.codes
+    if vocab.decode_codes is not None and image.finished:
+        rows = [codes[r * w:(r + 1) * w] for r in range(h)]
+        PIL.Image.fromarray(vocab.decode_codes(rows)).save(path)
         return "pixels"
-    h, w = vocab.grid
-    state = "" if finished else f", unfinished: {len(codes)} of {h * w}"
+    state = "" if image.finished else f", unfinished: {len(codes)} of {h * w}"
     caption = f"{h}x{w} VQ codes ({backbone}: no pixel decoder{state})"
     if vocab.decode_codes is not None:
         caption = f"{h}x{w} VQ codes ({backbone}{state})"
-    code_grid(codes, vocab.grid, caption).save(path)
+    code_grid(codes, image.grid, caption).save(path)
     return "code grid"

@@ -95,16 +95,17 @@ class Router:
         return self.mode is not None
 
     def begin_plan(self, build, prefill_ids=None, image_ids=None, grid=None,
-                   mask=None, row_ends=None, max_width=None) -> Routing:
+                   mask=None, row_ends=None, max_width=None, validate=False) -> Routing:
         """``build(window, with_images) -> RoutingPlan``; with ``prefill_ids`` a generation starts:
         the decode state is reset from the prompt and the layers seed their rings. With
         ``row_ends`` (ids closing image rows) images are sized in the sequence, at most
-        ``max_width`` wide."""
+        ``max_width`` wide: a wider row is refused when ``validate`` (the caller reads values:
+        moss/model.py ``reads_values``); unchecked, it would read wrong ring slots."""
         self._enter("plan")
         self.current = Routing(build)
         self.fill = prefill_ids is not None
         if self.fill and row_ends is not None:
-            self._begin_rows(prefill_ids, image_ids, mask, row_ends, max_width)
+            self._begin_rows(prefill_ids, image_ids, mask, row_ends, max_width, validate)
         elif self.fill:
             self.row_ends = None
             self.image_table = _image_table(image_ids, prefill_ids.device)
@@ -122,7 +123,8 @@ class Router:
             self.undo, self.seeds = None, {}
         return self.current
 
-    def _begin_rows(self, prefill_ids, image_ids, mask, row_ends, max_width) -> None:
+    def _begin_rows(self, prefill_ids, image_ids, mask, row_ends, max_width, validate
+                    ) -> None:
         """:meth:`begin_plan`'s prefill for images of rows closed by row-end tokens: the rows
         state after every prompt position (the last PREFILL_UNDO kept for a crop), and each
         position's image and grid position (newest first) to seed the rings from."""
@@ -134,7 +136,7 @@ class Router:
         states, start = _row_states(is_img, is_end)
         width = states[..., 2]
         row_len = torch.where(width > 0, width, states[..., 1])  # (a first row: so far)
-        if row_len.device.type == "cpu" and bool((row_len > max_width).any()):  # no GPU sync
+        if validate and bool((row_len > max_width).any()):
             raise ValueError(f"input_ids: an image row of {int(row_len.max())} tokens, wider "
                              f"than the backbone's max_image_width ({max_width}) that the "
                              f"decode state holds")
@@ -148,12 +150,13 @@ class Router:
         self.grid, self.rings, self.packed = (1, max_width + 1), {}, {}
         self.undo, self.seeds = None, {}
 
-    def begin_decode(self, input_ids, mask):
+    def begin_decode(self, input_ids, mask, validate=False):
         """A call with a KV cache: its T new tokens' kinds, positions and image widths, one token
         after the other (assisted decoding verifies several at once). The state (image-run
         length, or rows state) before and after each token is kept, and the layers log the ring
         slots they overwrite, so that a crop of this call's tokens can be undone
-        (:meth:`follow`)."""
+        (:meth:`follow`). ``validate``: refuse image rows wider than the rings hold
+        (:meth:`begin_plan`)."""
         if self.run is None:
             raise RuntimeError("a decode step (a call with a KV cache) came before its prefill")
         self._enter("decode")
@@ -168,7 +171,7 @@ class Router:
                 runs.append(_advance(runs[-1], is_img[:, j], is_end[:, j]))
                 row, col, width, _ = runs[-1].unbind(-1)
                 row_len = torch.where(width > 0, width, col)  # (the first row: so far)
-                if row_len.device.type == "cpu" and bool((row_len >= w).any()):  # no GPU sync
+                if validate and bool((row_len >= w).any()):
                     raise ValueError(f"input_ids: an image row of {int(row_len.max())} tokens, "
                                      f"wider than the backbone's max_image_width ({w - 1}) "
                                      f"that the decode state holds")

@@ -148,7 +148,8 @@ def train(args: argparse.Namespace) -> Path:
         cfg = MossConfig(r_text=args.rank, r_image=args.rank, alpha_text=args.alpha,
                          alpha_image=args.alpha, kernel_size=args.kernel_size,
                          dropout=args.dropout,
-                         image_adapter=args.variant, image_grid=vocab.grid, backend=args.backend)
+                         image_adapter=args.variant, backend=args.backend,
+                         image_grid=None if vocab.sized else vocab.grid)
         examples = load_jsonl(args.data, vocab, include_image_loss=image_loss)
     out = Path(args.out)
     if rank == 0:

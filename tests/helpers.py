@@ -312,22 +312,56 @@ def tiny_chameleon(seed=0):
     return transformers.ChameleonForConditionalGeneration(cfg).eval()
 
 
-#: The tiny Emu3's visual tokens (64 VQ codes), row end and <image> placeholder.
+#: The tiny Emu3's visual tokens (64 VQ codes), row end and <image> placeholder; its whole
+#: vocabulary (as Emu3's config lists it): pad / bos / eos, reserved ids, the image markers,
+#: the visual tokens, then a byte-level alphabet for text.
 EMU3_VISUAL, EMU3_EOL, EMU3_PLACEHOLDER = list(range(100, 164)), 90, 91
+EMU3_MARKERS = {"<|image start|>": 92, "<|image end|>": 93, "<|image token|>": 94,
+                "<|extra_201|>": 95}
+
+
+def _emu3_vocabulary() -> dict[str, int]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {"<|endoftext|>": 0, "<|extra_203|>": 1, "<|extra_204|>": 2}
+    vocab.update({f"<|reserved {i}|>": i for i in [*range(3, 90), *range(96, 100)]})
+    vocab.update({"<|extra_200|>": EMU3_EOL, "<image>": EMU3_PLACEHOLDER, **EMU3_MARKERS})
+    vocab.update({f"<|visual token {i:06d}|>": tok for i, tok in enumerate(EMU3_VISUAL)})
+    vocab.update({ch: 164 + i for i, ch in enumerate(sorted(ByteLevel.alphabet()))})
+    return vocab
 
 
 def tiny_emu3(seed=0):
-    """A 2-layer Emu3 built from its config (text and VQ configs), random weights."""
+    """A 2-layer Emu3 built from its config (text and VQ configs, a 2x VQ-VAE), random
+    weights."""
     import transformers
 
     torch.manual_seed(seed)
-    vocab = {f"<|visual token {i:06d}|>": tok for i, tok in enumerate(EMU3_VISUAL)}
-    vocab.update({"<|extra_200|>": EMU3_EOL, "<image>": EMU3_PLACEHOLDER})
+    vocab = _emu3_vocabulary()
     vq = dict(codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
-              channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[], hidden_size=32,
+              channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[], hidden_size=64,
               num_attention_heads=1, temporal_downsample_factor=1)
-    text = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = transformers.Emu3Config(vq_config=vq, text_config=text, vocabulary_map=vocab)
     return transformers.Emu3ForConditionalGeneration(cfg).eval()
+
+
+def emu3_checkpoint(path):
+    """A tiny Emu3 saved as a user's checkpoint folder: the model and a byte-level BPE tokenizer
+    over its vocabulary (Emu3's own is byte-level too), the image markers as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _emu3_vocabulary()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(name, special=True)
+                            for name in vocab if name.startswith("<")])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>",
+                                   bos_token="<|extra_203|>", eos_token="<|extra_204|>")
+    tiny_emu3().save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -142,7 +142,7 @@ def _llama_checkpoint(tmp) -> str:
 
 cli("`moss train` / `generate --model` a backbone with no image vocabulary (a Llama)", 1,
     "--model: ... holds a llama model, which has no image vocabulary moss can read (backbones "
-    "with one: chameleon); adapt it from Python with an explicit layout",
+    "with one: chameleon, emu3); adapt it from Python with an explicit layout",
     lambda tmp: ["train", "--model", _llama_checkpoint(tmp), "--out", str(tmp / "run")],
     lambda tmp: ["generate", "--model", _llama_checkpoint(tmp), "--adapter", str(tmp)])
 cli("`moss train --resume` whose `latest` names a missing checkpoint", 1,
@@ -184,6 +184,14 @@ cli("`moss generate --prompts` a file of blank lines", 1,
     "moss generate: --prompts: ... holds no prompt (one per line)",
     lambda tmp: ["generate", "--adapter", str(tmp), "--prompts",
                  str((tmp / "blank.txt").write_text("\n \n") and tmp / "blank.txt")])
+cli("`moss generate --image-size` not HxW, or below 1", 1,
+    "moss generate: --image-size: expected HxW (e.g. 4x6), got",
+    lambda tmp: ["generate", "--adapter", str(tmp), "--image-size", "4"],
+    lambda tmp: ["generate", "--adapter", str(tmp), "--image-size", "0x4"],
+    lambda tmp: ["generate", "--adapter", str(tmp), "--image-size", "axb"])
+cli("`moss generate --image-size` other than the backbone's only size (Chameleon)", 1,
+    "moss generate: --image-size: this backbone's images are all 4x4, got 2x8",
+    lambda tmp: ["generate", "--adapter", str(tmp), "--image-size", "2x8"])
 cli("`moss experiment --seeds 0`", 1, "moss experiment: --seeds must be >= 1",
     ["experiment", "--seeds", "0"])
 cli("`moss experiment --seeds x`", 2,

@@ -62,10 +62,24 @@ records("`text` empty or not a str", "segments[0].text: expected a non-empty str
         '{"segments": [{"type": "text", "text": ""}]}',
         '{"segments": [{"type": "text", "text": 5}]}')
 records("`codes` of the wrong count, out of range (negative, >= codebook size) or not ints",
-        "segments[0].codes: expected 16 ints (a 4 x 4 grid) in [0, 64)",
+        "segments[0].codes: expected 16 ints (a 4 x 4 grid, flat or as rows) in [0, 64)",
         *['{"segments": [{"type": "image", "codes": [%s]}]}' % ", ".join([first] + ["1"] * n)
           for first, n in [("1", 1), ("64", 15), ("-1", 15), ("1.0", 15), ("true", 15),
                            ("NaN", 15)]])
+records("`codes` as rows of different lengths",
+        "segments[0].codes: rows of different lengths [1, 2]: an image is H rows of W codes",
+        '{"segments": [{"type": "image", "codes": [[1, 2], [3]]}]}')
+records("an image of another size than the backbone's only one (Chameleon)",
+        "segments[0].codes: a 2 x 8 image; this backbone's images are all 4 x 4",
+        '{"segments": [{"type": "image", "codes": [%s]}]}' % ", ".join(
+            "[%s]" % ", ".join(["1"] * 8) for _ in range(2)),
+        '{"segments": [{"type": "image", "grid": [2, 8], "codes": [%s]}]}' % ", ".join(
+            ["1"] * 16))
+records("a `grid` that is not two ints >= 1",
+        "segments[0].grid: expected [H, W], two ints >= 1, got",
+        '{"segments": [{"type": "image", "grid": [4], "codes": [1]}]}',
+        '{"segments": [{"type": "image", "grid": [0, 4], "codes": [1]}]}',
+        '{"segments": [{"type": "image", "grid": "4x4", "codes": [1]}]}')
 records("an image with neither `codes` nor `path`",
         "segments[0].codes: missing (give codes or a path)",
         '{"segments": [{"type": "image"}]}')

@@ -2,15 +2,32 @@
 rows of visual tokens closed by end-of-line tokens, sizes read from the sequence; routing by id
 equals the explicit layout with row strides, training reaches the ConvLoRA, save / load round
 trips, prefill + decode (token by token, several tokens a call, crops) equals the full forward;
-placeholders are refused with a clear error."""
+placeholders are refused with a clear error. Then the command line's side: the vocabulary spells
+images as Emu3's processor does, the constraint keeps generated rows well formed, beam search
+scores what the full forward scores, and ``moss train`` / ``moss generate`` run on a saved tiny
+Emu3 (its tokenizer, its VQ-VAE encoding image files and decoding generated codes to PNGs)."""
+
+import json
 
 import pytest
 import torch
+from PIL import Image
+from transformers import LogitsProcessorList
 
-from moss import MossConfig, MossModel, get_moss_model
+from moss import MossConfig, MossModel, backbones, get_moss_model
+from moss.cli import main
+from moss.constrain import ImageSpans
 from moss.layer import MossLinear
+from moss.render import images_of
 
-from helpers import EMU3_EOL, EMU3_PLACEHOLDER, EMU3_VISUAL, tiny_emu3
+from helpers import (
+    EMU3_EOL,
+    EMU3_MARKERS,
+    EMU3_PLACEHOLDER,
+    EMU3_VISUAL,
+    emu3_checkpoint,
+    tiny_emu3,
+)
 
 V = EMU3_VISUAL
 
@@ -179,3 +196,119 @@ def test_an_image_wider_than_the_decode_state_holds_is_refused(monkeypatch):
         moss(input_ids=wide[:, :3], use_cache=True, past_key_values=cache)
         with pytest.raises(ValueError, match=r"an image row of 3 tokens, wider"):
             moss(input_ids=wide[:, 3:4], use_cache=True, past_key_values=cache)  # row still open
+
+
+BEGIN, END, SIZE_END, EOF = (EMU3_MARKERS[k] for k in ("<|image start|>", "<|image end|>",
+                                                        "<|image token|>", "<|extra_201|>"))
+
+
+def _vocab(model):
+    """The spec's vocabulary, text as single byte-level characters (what the saved tokenizer
+    does for digits and '*')."""
+    chars = {name: tok for name, tok in model.config.vocabulary_map.items() if len(name) == 1}
+    text = backbones.TextCodec(lambda s: [chars[c] for c in s], 1, 2, 0)
+    return backbones.spec_for(model).vocabulary(model, text)
+
+
+def test_images_are_spelled_as_emu3s_processor_writes_them():
+    """begin, "H*W", <|image token|>, H rows of W visual tokens each closed by end-of-line,
+    end-of-frame, end (transformers' Emu3Processor.replace_image_token, with the rows the model's
+    get_image_tokens puts in place of its placeholders); read back as an H x W image."""
+    model = tiny_emu3()
+    vocab = _vocab(model)
+    digits = vocab.encode_text("2*3")
+    assert vocab.image([5, 6, 7, 8, 9, 10], (2, 3)) == (
+        [BEGIN, *digits, SIZE_END] + [V[5], V[6], V[7], EMU3_EOL, V[8], V[9], V[10], EMU3_EOL]
+        + [EOF, END])
+    (image,) = images_of([7, *vocab.image([5, 6, 7, 8, 9, 10], (2, 3)), 7], vocab)
+    assert (image.codes, image.grid, image.finished) == ([5, 6, 7, 8, 9, 10], (2, 3), True)
+    (cut,) = images_of(vocab.image([5, 6, 7, 8, 9, 10], (2, 3))[:10], vocab)
+    assert (cut.codes, cut.grid, cut.finished) == ([5, 6, 7, 8], (2, 3), False)
+
+
+def test_an_image_file_is_encoded_by_the_models_vq_vae(tmp_path):
+    """A 40 x 30 picture through the 2x VQ-VAE: 15 rows of 20 codes, the model's own."""
+    model = tiny_emu3()
+    vocab = _vocab(model)
+    picture = torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8)
+    Image.fromarray(picture.numpy()).save(tmp_path / "p.png")
+    rows = vocab.encode_image_file(tmp_path / "p.png")
+    pixels = (picture.float() / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        want = model.model.vqmodel.encode(pixels, torch.tensor([[30, 40]])).image_tokens[0]
+    assert rows == want.tolist() and (len(rows), len(rows[0])) == (15, 20)
+
+
+def test_the_constraint_writes_the_size_rows_and_ends():
+    """Outside an image no visual token, row end, end-of-frame or image end; after begin the
+    size and marker, then W codes and a row end per row, end-of-frame, end; a begin the model
+    chooses itself gets the processor's size."""
+    vocab = _vocab(tiny_emu3())
+    spans = ImageSpans(vocab, (2, 3))
+    scores = torch.zeros(1, len(tiny_emu3().config.vocabulary_map))
+
+    def allowed(ids):
+        return set(torch.nonzero(spans(torch.tensor([ids]), scores.clone())[0] == 0)[:, 0]
+                   .tolist())
+
+    outside = allowed([1, 7])
+    assert BEGIN in outside and not outside & {*V, EMU3_EOL, EOF, END}
+    script = vocab.image([0] * 6, (2, 3))
+    for t in range(1, len(script)):
+        want = set(V) if script[t] == V[0] else {script[t]}
+        assert allowed([1, 7] + script[:t]) == want, f"after {script[:t]}"
+    assert BEGIN in allowed([1, 7] + script)
+
+
+def test_beam_search_across_rows_scores_what_the_full_forward_scores():
+    """Three beams inside a constrained 2 x 3 image (codes, row ends, end-of-frame): each
+    returned sequence's score == its log-probability under a full forward."""
+    moss = _moss()
+    vocab = _vocab(moss.model)
+    prompt = torch.tensor([[1, 7, *vocab.opening((2, 3)), V[4]]])
+    with torch.no_grad():
+        out = moss.generate(input_ids=prompt, max_new_tokens=9, num_beams=3,
+                            num_return_sequences=3, do_sample=False, length_penalty=0.0,
+                            logits_processor=LogitsProcessorList([ImageSpans(vocab, (2, 3))]),
+                            return_dict_in_generate=True, output_scores=True)
+        logp = moss(input_ids=out.sequences).logits.log_softmax(-1)
+    n = prompt.shape[1]
+    assert EMU3_EOL in out.sequences[0, n:].tolist()  # the beams crossed a row end
+    for i, (seq, score) in enumerate(zip(out.sequences, out.sequences_scores)):
+        total = sum(logp[i, t - 1, seq[t]].item() for t in range(n, seq.shape[0]))
+        assert score.item() == pytest.approx(total, abs=1e-4), f"sequence {i}"
+
+
+def test_moss_train_and_generate_on_a_saved_emu3_write_decoded_pixels(tmp_path, capsys):
+    """A user's Emu3 checkpoint folder: ``moss train`` on records with images as rows (and one
+    as a file), then ``moss generate --image --image-size 3x4``: the image is written through
+    the VQ decoder (6 x 8 pixels at 2x), its tokens spelled as Emu3 spells them."""
+    folder = emu3_checkpoint(tmp_path / "emu3")
+    Image.new("RGB", (8, 6), (200, 30, 30)).save(tmp_path / "red.png")
+    records = [{"segments": [{"role": "user", "type": "text", "text": "red"},
+                             {"role": "assistant", "type": "image", "path": "red.png"}]}]
+    records += [{"segments": [{"role": "user", "type": "text", "text": f"draw {i}"},
+                              {"role": "assistant", "type": "image",
+                               "codes": [[(i + r * 4 + c) % 64 for c in range(4)]
+                                         for r in range(3)]}]} for i in range(5)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(folder), "--data", str(data), "--out", str(out),
+                 "--steps", "3", "--batch-size", "2", "--rank", "4"]) == 0
+    capsys.readouterr()
+    pngs = tmp_path / "pngs"
+    assert main(["generate", "--model", str(folder), "--adapter", str(out / "checkpoint-3"),
+                 "--prompt", "draw 1", "--image", "--image-size", "3x4", "--max-new-tokens",
+                 "20", "--out", str(pngs), "--sample"]) == 0
+    shown = capsys.readouterr().out
+    assert "[image 3x4 VQ codes]" in shown and "(pixels)" in shown, shown
+    with Image.open(pngs / "prompt1_image1.png") as png:
+        assert png.size == (8, 6)
+
+
+def test_a_config_without_emu3s_image_markers_has_no_vocabulary():
+    model = tiny_emu3()
+    del model.config.vocabulary_map["<|image start|>"]
+    with pytest.raises(ValueError, match=r"vocabulary_map lacks \['<\|image start\|>'\]"):
+        _vocab(model)

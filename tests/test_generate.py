@@ -15,7 +15,7 @@ from moss.constrain import ImageSpans
 from moss.guidance import ImageGuidance
 from moss.picture import CELL, code_colour, save_png
 from moss.progress import ImageProgress
-from moss.render import images_of
+from moss.render import CodeImage, images_of
 
 MODEL, VOCAB, _ = backbone(None)
 H, W = VOCAB.grid
@@ -55,7 +55,7 @@ def test_generate_under_the_constraint_writes_whole_images(tmp_path):
     progress.close()
     for i, row in enumerate(out[:, prompt.shape[1] - 1:].tolist()):
         images = images_of(row, VOCAB)
-        assert images and all(len(c) == H * W for c, finished in images if finished)
+        assert images and all(len(im.codes) == H * W for im in images if im.finished)
         assert row[H * W + 1] == VOCAB.end_image  # the prompt's image, closed on time
         if i < 2:  # a bar for every image of a labelled row, none for the last
             assert progress.done[i] == len(images)
@@ -64,14 +64,15 @@ def test_generate_under_the_constraint_writes_whole_images(tmp_path):
 
 def test_png_of_a_code_grid_is_labelled_and_one_cell_per_code(tmp_path):
     codes = [(7 * i) % 64 for i in range(H * W)]
-    assert save_png(codes, VOCAB, tmp_path / "a.png", "chameleon") == "code grid"
+    image = CodeImage(codes, (H, W), True)
+    assert save_png(image, VOCAB, tmp_path / "a.png", "chameleon") == "code grid"
     img = Image.open(tmp_path / "a.png").convert("RGB")
     assert img.height == H * CELL + 14 and img.width >= W * CELL
     for i, c in enumerate(codes):  # each cell's centre has its code's colour
         r, col = divmod(i, W)
         assert img.getpixel((col * CELL + CELL // 2, 14 + r * CELL + CELL // 2)) == code_colour(c)
-    assert save_png(codes[:5], VOCAB, tmp_path / "b.png", "chameleon", finished=False) == \
-        "code grid"
+    unfinished = CodeImage(codes[:5], (H, W), False)
+    assert save_png(unfinished, VOCAB, tmp_path / "b.png", "chameleon") == "code grid"
 
 
 def test_moss_generate_writes_a_png_per_image_for_a_file_of_prompts(tmp_path, capsys):

@@ -30,22 +30,53 @@ from torch import nn
 
 @dataclass
 class Vocabulary:
-    """How a backbone spells interleaved data: a text encoder and the image token ids."""
+    """How a backbone spells interleaved data: a text encoder and the image token ids.
+
+    An image is ``begin_image``, its header, H rows of W code tokens (each followed by
+    ``row_end`` when there is one), ``trailer``, ``end_image``. Chameleon: no header, no row
+    ends, one fixed ``grid``. Emu3: the header writes the image's size as text (``size_header``:
+    each image has its own grid, ``grid`` is the default for generated ones), rows are closed by
+    an end-of-line token and the trailer is its end-of-frame token.
+    """
 
     encode_text: Callable[[str], list[int]]
     code_to_token: list[int]  # VQ code -> token id
     begin_image: int
     end_image: int
-    grid: tuple[int, int]
+    grid: tuple[int, int]  # every image's; with ``size_header``, generated images' default
     bos: int | None = None
     eos: int | None = None
     pad: int = 0
-    encode_image_file: Callable[[Path], list[int]] | None = None  # when a VQ encoder exists
-    # codes -> [H', W', 3] uint8 pixels, when the backbone has a VQ decoder (moss/picture.py)
-    decode_codes: Callable[[list[int]], np.ndarray] | None = None
+    encode_image_file: Callable[[Path], list[list[int]]] | None = None  # -> rows of codes
+    # rows of codes -> [H', W', 3] uint8 pixels, when the backbone has a VQ decoder
+    decode_codes: Callable[[list[list[int]]], np.ndarray] | None = None
+    row_end: int | None = None
+    size_header: Callable[[tuple[int, int]], list[int]] | None = None  # grid -> tokens
+    trailer: tuple[int, ...] = ()
 
-    def image(self, codes: list[int]) -> list[int]:
-        return [self.begin_image] + [self.code_to_token[c] for c in codes] + [self.end_image]
+    @property
+    def sized(self) -> bool:
+        """Whether each image writes its own size (else every image has ``grid``)."""
+        return self.size_header is not None
+
+    def opening(self, grid: tuple[int, int] | None = None) -> list[int]:
+        """The tokens before an image's first code."""
+        return [self.begin_image] + (self.size_header(grid or self.grid) if self.sized else [])
+
+    def closing(self) -> list[int]:
+        """The tokens after an image's last code (and row end)."""
+        return [*self.trailer, self.end_image]
+
+    def image(self, codes: list[int], grid: tuple[int, int] | None = None) -> list[int]:
+        """The tokens of an image of ``grid`` (default ``self.grid``): ``codes`` row-major."""
+        h, w = grid or self.grid
+        if len(codes) != h * w:
+            raise ValueError(f"codes: expected {h * w} for a {h} x {w} image, got {len(codes)}")
+        body = []
+        for r in range(h):
+            body += [self.code_to_token[c] for c in codes[r * w:(r + 1) * w]]
+            body += [] if self.row_end is None else [self.row_end]
+        return self.opening(grid) + body + self.closing()
 
 
 @dataclass(frozen=True)
@@ -104,14 +135,17 @@ class BackboneSpec:
         """Let the model predict image tokens; returns the undo, or None if it masks nothing."""
         return None
 
-    # A spec with ``has_vocabulary`` defines these two (the generic one cannot).
+    # A spec with ``has_vocabulary`` defines this (the generic one cannot).
     def vocabulary(self, model: nn.Module, text: TextCodec) -> Vocabulary:
         """How ``model`` spells interleaved data, its text side given by ``text``."""
         raise NotImplementedError(f"the {self.name} backbone spec has no image vocabulary")
 
     def load_model(self, path: Path) -> nn.Module:
-        """The model of a local checkpoint folder (no download)."""
-        raise NotImplementedError(f"the {self.name} backbone spec loads no checkpoints")
+        """The model of a local checkpoint folder (no download): transformers' image-text-to-
+        text class for its ``model_type`` (Chameleon, Emu3, Janus)."""
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
 
 
 GENERIC = BackboneSpec()

@@ -60,11 +60,6 @@ class ChameleonSpec(BackboneSpec):
                           self._grid(hf), bos=text.bos, eos=text.eos, pad=text.pad,
                           encode_image_file=self._vq_encoder(model))
 
-    def load_model(self, path):
-        from transformers import AutoModelForImageTextToText
-
-        return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
-
     @staticmethod
     def _codes(hf) -> list[int]:
         """Token ids of VQ codes 0, 1, ...: ``IMGIMG<code as letters A-J>Z``."""
@@ -81,8 +76,9 @@ class ChameleonSpec(BackboneSpec):
 
     @staticmethod
     def _vq_encoder(model: nn.Module):
-        """``path -> VQ codes`` through the model's own VQ-VAE (resized to its resolution)."""
-        resolution = model.config.vq_config.resolution
+        """``path -> rows of VQ codes`` through the model's own VQ-VAE (resized to its
+        resolution)."""
+        resolution, grid = model.config.vq_config.resolution, ChameleonSpec._grid(model.config)
 
         def encode(path: Path) -> list[int]:
             import numpy as np
@@ -92,7 +88,7 @@ class ChameleonSpec(BackboneSpec):
             pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
             with torch.no_grad():
                 out = model.model.vqmodel.encode(pixels.permute(2, 0, 1)[None])
-            return out.image_tokens.flatten().tolist()
+            return out.image_tokens.reshape(grid).tolist()
 
         return encode
 
