@@ -70,6 +70,7 @@ class MossModel(nn.Module):
         # The targets resolved, so that a checkpoint names them whatever the defaults become.
         self.moss_config = dataclasses.replace(cfg, target_modules=list(names))
         self.router = Router()
+        self._decode_by = "ids"  # how the last prefill was routed: "ids" or an explicit "route"
         self.image_token_ids, self.image_grid = ids, grid
         self.row_end_ids = spec.row_end_ids(model) if ids is not None else None
         self._unroutable = spec.unroutable_ids(model)
@@ -103,13 +104,29 @@ class MossModel(nn.Module):
         tokens), give the layout explicitly (embedding-fed backbones, Emu2); otherwise it
         follows from ``input_ids`` (image token ids and grid, or row ends, of the backbone or
         the MossConfig) and ``attention_mask``.
+
+        Explicit layouts decode incrementally too (embedding-fed generators, Janus:
+        moss/embedding_fed.py): a call with an empty KV cache (``past_key_values`` / ``cache``)
+        is the prefill, whose images must be runs of image tokens on one grid (the MossConfig's
+        ``image_grid``, else the images'), as token-based images are; each later call gives only
+        ``route`` [B, T] for its new tokens (``images`` not needed): an image run is cut into
+        consecutive grid-sized images, as in the prefill.
         """
         if route is not None:
             shape = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
             if 0 in shape:
                 raise ValueError(f"inputs_embeds: expected at least one token, got shape "
                                  f"{tuple(shape)}")
-            self.router.begin_plan(self._layout_builder(route, images, shape, cu_seqlens))
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            if _past_length(cache):
+                self._decode_explicit(route, shape)
+            else:
+                build = self._layout_builder(route, images, shape, cu_seqlens)
+                if cache is None:
+                    self.router.begin_plan(build)
+                else:
+                    self._prefill_explicit(build, route, images, shape, cu_seqlens)
+                    self.router.follow(cache)
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask,
                               inputs_embeds=inputs_embeds, **kwargs)
@@ -125,19 +142,17 @@ class MossModel(nn.Module):
         if input_ids is not None:
             _check_input_ids(input_ids, _vocabulary_size(self.model), reads_values(input_ids))
         if self.router.active:  # the layout came from MossModel.forward
-            return self._pass_routing(args, kwargs)
+            return self._pass_routing(args, kwargs) if self.router.current else None
         if input_ids is None:
             raise ValueError("input_ids or route: give the token ids, or the explicit layout "
                              "(route and images) when feeding inputs_embeds")
         mask = kwargs.get("attention_mask")
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-        if past:  # checked here, so that every door to generate (PEFT's too) is covered
-            if not self.moss_config.causal:
-                raise ValueError("causal: adapters trained with causal=False see tokens to "
-                                 "their right and cannot decode incrementally")
+        if _past_length(cache):  # checked here, so that every door to generate (PEFT's too) is
+            self._check_decode("ids")  # covered
             self.router.begin_decode(input_ids, mask, reads_values(input_ids))
             return
+        self._decode_by = "ids"
         ids, grid, causal = self.image_token_ids, self.image_grid, self.moss_config.causal
 
         validate = reads_values(input_ids)
@@ -170,6 +185,54 @@ class MossModel(nn.Module):
             return None
         return args, {**kwargs, KWARG: self.router.current}
 
+    def _check_decode(self, by: str) -> None:
+        if not self.moss_config.causal:
+            raise ValueError("causal: adapters trained with causal=False see tokens to "
+                             "their right and cannot decode incrementally")
+        if self._decode_by != by:
+            raise ValueError(
+                "route: the prefill gave an explicit layout, so every decode call must give its "
+                "new tokens' route" if by == "ids" else
+                "route: the prefill was routed from input_ids, so decode calls must be too")
+
+    def _prefill_explicit(self, build, route, images, shape, cu_seqlens) -> None:
+        """Start an explicit-layout generation: the decode state of the run-length kind, fed
+        with the route's image tokens as if they were image ids (``images`` checked to be those
+        runs cut into grid-sized images)."""
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens: packed sequences cannot be decoded incrementally "
+                             "(give a [B, T] batch with padding)")
+        kinds = route.reshape(shape)
+        mask, pseudo_ids = (kinds >= 0).long(), (kinds == 1).long()
+        images = _images_tensor(images, kinds.device)
+        grid = self.image_grid
+        if grid is None and len(images):
+            grid = tuple(images[0, 1:3].tolist())
+        if grid is None:
+            raise ValueError("image_grid: decoding with an explicit layout needs the grid of the "
+                             "images to come; set MossConfig(image_grid=(H, W))")
+        if reads_values(kinds):
+            want = mk.RoutingPlan.from_input_ids(pseudo_ids, [1], grid, mask, validate=False).images
+            given = images[images[:, 0].argsort()][:, :3]
+            strided = images.shape[1] == 4 and bool((images[:, 3] != images[:, 2]).any())
+            if strided or not torch.equal(given, want.to(given.device)):
+                raise ValueError(f"images: decoding an explicit layout needs each image to be a "
+                                 f"run of image tokens on one {grid[0]} x {grid[1]} grid (a "
+                                 f"run longer than H*W is consecutive images), without row "
+                                 f"strides; got {images.tolist()[:4]}")
+        self.router.begin_plan(build, prefill_ids=pseudo_ids, image_ids=[1], grid=grid, mask=mask)
+        self._decode_by = "route"
+
+    def _decode_explicit(self, route, shape) -> None:
+        if not isinstance(route, torch.Tensor):
+            raise TypeError(f"route: expected a torch.Tensor [B, T], got {type(route).__name__}")
+        if route.numel() != shape.numel():
+            raise ValueError(f"route: expected shape {tuple(shape)} like the inputs, got "
+                             f"{tuple(route.shape)}")
+        self._check_decode("route")
+        kinds = route.reshape(shape)
+        self.router.begin_decode((kinds == 1).long(), (kinds >= 0).long(), reads_values(kinds))
+
     def _layout_builder(self, route, images, shape, cu_seqlens):
         if not isinstance(route, torch.Tensor):
             raise TypeError(f"route: expected a torch.Tensor [B, T], got {type(route).__name__}")
@@ -179,9 +242,7 @@ class MossModel(nn.Module):
             raise ValueError(f"route: expected shape {tuple(shape)} like the inputs, got "
                              f"{tuple(route.shape)}")
         route = route.reshape(shape) if cu_seqlens is None else route.reshape(-1)
-        images = torch.as_tensor(images, dtype=torch.int64, device=route.device)
-        if images.dim() != 2:  # (an empty list); [n, 4] rows carry row strides
-            images = images.reshape(-1, 3)
+        images = _images_tensor(images, route.device)
         causal, validate = self.moss_config.causal, reads_values(route)
 
         def build(window, with_images):
@@ -253,6 +314,17 @@ class MossModel(nn.Module):
             if value.shape != own[key].shape:
                 raise ValueError(f"{key}: expected shape {tuple(own[key].shape)}, the file "
                                  f"has {tuple(value.shape)}")
+
+
+def _images_tensor(images, device) -> torch.Tensor:
+    """An explicit layout's ``images`` as an int64 [n, 3] or [n, 4] (row strides) tensor."""
+    images = torch.as_tensor(images, dtype=torch.int64, device=device)
+    return images if images.dim() == 2 else images.reshape(-1, 3)  # (an empty list)
+
+
+def _past_length(cache) -> int:
+    """Tokens already in a KV cache (0: none, or no cache)."""
+    return cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
 
 
 def _decoder_layers(spec, model: nn.Module) -> list[nn.Module]:

@@ -365,3 +365,26 @@ def emu3_checkpoint(path):
     tiny_emu3().save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def tiny_janus(seed=0):
+    """A Janus built from its config (Llama text model, SigLIP vision tower, VQ-VAE with its
+    generation embedding and head), random weights; images are 4 x 4 codes of 64."""
+    import transformers
+
+    torch.manual_seed(seed)
+    text = dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=4, num_image_tokens=16, projection_dim=32, mlp_ratio=2.0, depth=1)
+    vq = dict(base_channels=32, channel_multiplier=[1, 2], embed_dim=4, latent_channels=16,
+              num_embeddings=64, projection_dim=32, image_token_embed_dim=32, num_patches=4,
+              num_res_blocks=1)
+    cfg = transformers.JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                                   image_token_id=299)
+    model = transformers.JanusForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a head whose logits spread, as a trained one's do (init: ~uniform)
+        for p in model.model.generation_head.parameters():
+            p.normal_(std=0.5)
+    return model

@@ -135,4 +135,94 @@ error(FORWARD, "`generate` with `causal=False` adapters", ValueError,
       lambda: wrap(causal=False, kernel_size=3).generate(input_ids=torch.tensor([[1, 2]])))
 
 
+
+def _cached(**kw):
+    """A KV cache, as a generation's prefill passes it."""
+    from transformers import DynamicCache
+
+    return {"use_cache": True, "past_key_values": DynamicCache(), **kw}
+
+
+error(FORWARD, "an explicit-layout prefill (a KV cache) whose images are not runs of image "
+      "tokens on one grid", ValueError,
+      "images: decoding an explicit layout needs each image to be a run of image tokens on one "
+      "2 x 2 grid", lambda: wrap()(inputs_embeds=EMBEDS, route=R, images=[[1, 2, 2], [6, 1, 2]],
+                                   **_cached()))
+error(FORWARD, "an explicit-layout prefill with no grid known for its images", ValueError,
+      "image_grid: decoding with an explicit layout needs the grid of the images to come",
+      lambda: wrap()(inputs_embeds=EMBEDS, route=torch.zeros(2, 6, dtype=torch.long),
+                     images=[], **_cached()))
+error(FORWARD, "an explicit-layout prefill of packed sequences (`cu_seqlens`)", ValueError,
+      "cu_seqlens: packed sequences cannot be decoded incrementally",
+      lambda: wrap()(inputs_embeds=EMBEDS[:1], route=R[:1], images=[[1, 2, 2]],
+                     cu_seqlens=[0, 6], **_cached()))
+
+
+@behaviour(FORWARD, "a decode call routed otherwise than its prefill (ids after an explicit "
+           "layout, or a route after ids)",
+           "`ValueError`: `route: the prefill gave an explicit layout, so every decode call "
+           "must give its new tokens' route` / `... was routed from input_ids, so decode calls "
+           "must be too`")
+def _mixed_decode():
+    moss = wrap(image_grid=(2, 2))
+    explicit, by_ids = _cached(), _cached()
+    with torch.no_grad():
+        moss(inputs_embeds=EMBEDS, route=R, images=[[1, 2, 2], [6, 2, 2]], **explicit)
+        with pytest.raises(ValueError, match="route: the prefill gave an explicit layout"):
+            moss(input_ids=torch.tensor([[5], [6]]), **explicit)
+        moss(input_ids=torch.tensor([[5, 6], [7, 8]]), **by_ids)
+        with pytest.raises(ValueError, match="was routed from input_ids, so decode calls"):
+            moss(inputs_embeds=EMBEDS[:, :1], route=torch.ones(2, 1, dtype=torch.long),
+                 **by_ids)
+
+
+EMBEDDING_FED = "moss.embedding_fed"
+
+
+def _janus():
+    from helpers import tiny_janus
+
+    return get_moss_model(tiny_janus(), config(r_text=4, r_image=4))
+
+
+def _fed(call, **kw):
+    from moss import embedding_fed
+
+    ids = torch.tensor([[1, 5, 6], [0, 1, 7]])
+    args = {"input_ids": ids, "attention_mask": (ids != 0).long(), **kw}
+    if call == "text_then_image":
+        args.setdefault("codes", torch.zeros(2, 3, dtype=torch.long))
+    else:
+        args.setdefault("progress", False)
+    return getattr(embedding_fed, call)(_janus(), **args)
+
+
+error(EMBEDDING_FED, "`codes` more than one image holds", ValueError,
+      "codes: 17 codes per row, more than one 4 x 4 image holds",
+      lambda: _fed("text_then_image", codes=torch.zeros(2, 17, dtype=torch.long)))
+error(EMBEDDING_FED, "`codes` not [B, n] for the prompts' B", ValueError,
+      "codes: expected a [2, n] tensor of VQ codes, got torch.Size([3, 4])",
+      lambda: _fed("text_then_image", codes=torch.zeros(3, 4, dtype=torch.long)))
+error(EMBEDDING_FED, "`input_ids` not a [B, T] integer tensor", ValueError,
+      "input_ids: expected a [B, T] integer tensor, got torch.Size([3])",
+      lambda: _fed("generate_image", input_ids=torch.tensor([1, 2, 3])))
+error(EMBEDDING_FED, "`attention_mask` of another shape than `input_ids`", ValueError,
+      "attention_mask: expected the shape of input_ids (2, 3), got torch.Size([2, 2])",
+      lambda: _fed("generate_image", attention_mask=torch.ones(2, 2, dtype=torch.long)))
+error(EMBEDDING_FED, "`guidance_scale` without `unconditional_ids` of the prompts' shape",
+      ValueError, "unconditional_ids: expected a tensor of the prompts' shape (2, 3) with "
+      "guidance_scale, got None", lambda: _fed("generate_image", guidance_scale=2.0))
+errors(EMBEDDING_FED, "`guidance_scale` NaN or not a number", ValueError,
+       "guidance_scale: expected a number, got {v!r}",
+       [(dict(v=v), lambda v=v: _fed("generate_image", guidance_scale=v)) for v in (NAN, "5")])
+errors(EMBEDDING_FED, "`temperature` 0, negative or NaN", ValueError,
+       "temperature: expected > 0, got {v!r}",
+       [(dict(v=v), lambda v=v: _fed("generate_image", temperature=v)) for v in (0.0, -1.0, NAN)])
+error(EMBEDDING_FED, "a backbone that is not embedding-fed (no code embedder or head)",
+      NotImplementedError, "the generic backbone spec knows no embedding-fed image generation; "
+      "pass embed_codes and code_logits",
+      lambda: __import__("moss.embedding_fed").embedding_fed.generate_image(
+          wrap(image_grid=(2, 2)), torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long)))
+
+
 test_row = catalogue.test()

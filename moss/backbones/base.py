@@ -135,6 +135,13 @@ class BackboneSpec:
         """Let the model predict image tokens; returns the undo, or None if it masks nothing."""
         return None
 
+    def image_generation(self, model: nn.Module) -> tuple[Callable, Callable]:
+        """For embedding-fed generators (Janus): ``(embed_codes, code_logits)``, VQ codes
+        ``[B, n]`` -> input embeddings and final hidden states -> code logits
+        (moss/embedding_fed.py)."""
+        raise NotImplementedError(f"the {self.name} backbone spec knows no embedding-fed image "
+                                  f"generation; pass embed_codes and code_logits")
+
     # A spec with ``has_vocabulary`` defines this (the generic one cannot).
     def vocabulary(self, model: nn.Module, text: TextCodec) -> Vocabulary:
         """How ``model`` spells interleaved data, its text side given by ``text``."""
