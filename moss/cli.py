@@ -22,7 +22,8 @@ COMMANDS = {
     "train": ("moss.train", "train MOSS adapters"),
     "generate": ("moss.generate", "generate with a trained adapter"),
     "experiment": ("moss.experiment",
-                   "adapter variants on a shifted synthetic distribution (ConvLoRA claim)"),
+                   "adapter variants on a shifted distribution, synthetic or real digits "
+                   "(ConvLoRA claim)"),
 }
 
 

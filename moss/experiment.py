@@ -14,6 +14,10 @@ A small, honest test of MOSS's claim, end to end on our own code, in minutes on 
    several seeds.
 4. Reported: validation loss on B's image tokens and text tokens, mean and spread over seeds,
    as a table (printed, CSV, Markdown) and a plot. Whatever the outcome, as measured.
+
+``--dataset digits`` runs the real-image reproduction instead (moss/digits_experiment.py: real
+handwritten digits, equal rank and equal parameters, generation scored), on this module's
+training loop and evaluation.
 """
 
 from __future__ import annotations
@@ -102,17 +106,24 @@ def _batches(examples, steps, batch, seed):
         yield collate([examples[i] for i in idx], 0)
 
 
-def _fit(model, params, examples, steps, lr, seed, batch=8):
+def _fit(model, params, examples, steps, lr, seed, batch=8, probe=None, every=0):
+    """AdamW with warm-up and cosine decay over ``steps`` batches (data order from ``seed``);
+    with ``probe``, its value every ``every`` steps and at the end: ``[(step, value)]``."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, steps // 10))
+    curve = [] if probe is None else [(0, probe())]
     model.train()
-    for b in _batches(examples, steps, batch, seed):
+    for step, b in enumerate(_batches(examples, steps, batch, seed), 1):
         loss = model(**b).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if probe is not None and (step % every == 0 or step == steps):
+            curve.append((step, probe()))
+            model.train()
+    return curve
 
 
 @torch.no_grad()
@@ -251,6 +262,10 @@ def report(rows: list[dict], out: Path, quick: bool) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=["synthetic", "digits"], default="synthetic",
+                   help="synthetic code images (this module), or scikit-learn's real "
+                        "handwritten digits at equal rank and equal parameters, with generation "
+                        "scored (moss/digits_experiment.py)")
     p.add_argument("--quick", action="store_true", help="fewer steps and examples (minutes)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("moss-experiment"))
@@ -259,5 +274,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     if args.seeds < 1:
         raise SystemExit("moss experiment: --seeds must be >= 1")
-    run(args.quick, args.seeds, args.out)
+    if args.dataset == "digits":
+        from . import digits_experiment
+
+        digits_experiment.run(args.quick, args.seeds, args.out)
+    else:
+        run(args.quick, args.seeds, args.out)
     return 0

@@ -52,3 +52,56 @@ def test_a_miniature_run_reports_every_variant(tmp_path, capsys):
     assert all(r["image"] > 0 and r["text"] > 0 for r in rows)
     assert "| conv k=2 |" in capsys.readouterr().out
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
+
+
+def test_the_digits_are_real_scans_split_by_digit_and_spelled_as_images():
+    from moss.digits_experiment import LEVELS, NAMES, digits_vocabulary, examples, load, splits
+
+    codes, digit = load()
+    assert codes.shape == (1797, 64) and codes.min() == 0 and codes.max() == LEVELS - 1
+    parts = splits(digit)
+    assert set(digit[parts["pre"]]) == {0, 1, 2, 3, 4}
+    assert set(digit[parts["train"]]) == set(digit[parts["held"]]) == {5, 6, 7, 8, 9}
+    assert not set(parts["train"]) & set(parts["held"])
+    assert len(parts["train"]) + len(parts["held"]) == int((digit >= 5).sum())
+    vocab = digits_vocabulary(tiny.build())
+    i = parts["held"][0]
+    (ex,) = examples(codes, digit, [i], vocab)
+    k = int(digit[i])
+    want = ([vocab.bos] + vocab.encode_text(f"digit {k}") + vocab.image(codes[i].tolist())
+            + vocab.encode_text(f"that is a {NAMES[k]}") + [vocab.eos])
+    assert ex.input_ids == want and len(vocab.code_to_token) == LEVELS
+
+def test_the_scorer_reads_real_digits_and_tells_noise_from_them():
+    import numpy as np
+
+    from moss.digits_experiment import NEW, Scorer, load, splits
+
+    codes, digit = load()
+    parts = splits(digit)
+    scorer = Scorer(codes, digit, parts)
+    train = parts["train"]
+    real = np.stack([codes[train[digit[train] == k]][:30] for k in NEW])
+    noise = np.random.default_rng(0).integers(0, 17, real.shape)
+    good, bad = scorer(real), scorer(noise)
+    assert good["accuracy"] > 0.85 and bad["accuracy"] < 0.5
+    assert bad["mmd"] > 10 * max(good["mmd"], 1e-3)
+
+
+def test_a_miniature_digits_run_reports_every_variant_with_curves_and_samples(tmp_path, capsys):
+    from moss.digits_experiment import run
+
+    rows = run(quick=True, seeds=1, out=tmp_path, sizes=(3, 4, 2, 2))
+    names = [r["variant"] for r in rows]
+    assert names == ["frozen (no adapter)", "shared r=8", "moe r=8", "conv k=2 r=8",
+                     "conv k=3 r=8", "conv k=2 r=3", "conv k=3 r=2", "full fine-tune"]
+    assert {r["comparison"] for r in rows} == {"reference", "equal rank", "equal params"}
+    for r in rows[1:]:
+        assert [s for s, _ in r["curve"]] == [0, 2, 4] and 0 <= r["accuracy"] <= 1
+    conv3 = next(r for r in rows if r["variant"] == "conv k=3 r=8")
+    moe = next(r for r in rows if r["variant"] == "moe r=8")
+    assert conv3["r_image"] == moe["r_image"] == 8 and conv3["params"] > moe["params"]
+    assert "| conv k=3 r=2 | equal params |" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "digits_experiment_quick.json", "digits_experiment_quick.md",
+        "digits_experiment_quick_curves.png", "digits_experiment_quick_samples.png"]
