@@ -15,9 +15,9 @@ A small, honest test of MOSS's claim, end to end on our own code, in minutes on 
 4. Reported: validation loss on B's image tokens and text tokens, mean and spread over seeds,
    as a table (printed, CSV, Markdown) and a plot. Whatever the outcome, as measured.
 
-``--dataset digits`` runs the real-image reproduction instead (moss/digits_experiment.py: real
-handwritten digits, equal rank and equal parameters, generation scored), on this module's
-training loop and evaluation.
+``--dataset digits`` / ``photos`` runs the real-image reproduction instead
+(moss/real_experiment.py: real handwritten digits or photo patches, equal rank and equal
+parameters, generation scored), on this module's training loop and evaluation.
 """
 
 from __future__ import annotations
@@ -262,10 +262,11 @@ def report(rows: list[dict], out: Path, quick: bool) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=["synthetic", "digits"], default="synthetic",
-                   help="synthetic code images (this module), or scikit-learn's real "
-                        "handwritten digits at equal rank and equal parameters, with generation "
-                        "scored (moss/digits_experiment.py)")
+    p.add_argument("--dataset", choices=["synthetic", "digits", "photos"], default="synthetic",
+                   help="synthetic code images (this module), or real images shipped with "
+                        "scikit-learn (handwritten digits; patches of its two sample photos) at "
+                        "equal rank and equal parameters, generation scored "
+                        "(moss/real_experiment.py)")
     p.add_argument("--quick", action="store_true", help="fewer steps and examples (minutes)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("moss-experiment"))
@@ -274,10 +275,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     if args.seeds < 1:
         raise SystemExit("moss experiment: --seeds must be >= 1")
-    if args.dataset == "digits":
-        from . import digits_experiment
+    if args.dataset != "synthetic":
+        from . import real_experiment
 
-        digits_experiment.run(args.quick, args.seeds, args.out)
+        real_experiment.run(args.dataset, args.quick, args.seeds, args.out)
     else:
         run(args.quick, args.seeds, args.out)
     return 0

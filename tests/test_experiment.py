@@ -55,43 +55,63 @@ def test_a_miniature_run_reports_every_variant(tmp_path, capsys):
 
 
 def test_the_digits_are_real_scans_split_by_digit_and_spelled_as_images():
-    from moss.digits_experiment import LEVELS, NAMES, digits_vocabulary, examples, load, splits
+    from moss.real_experiment import LEVELS, codes_vocabulary, examples, load, splits
 
-    codes, digit = load()
+    data = load("digits")
+    codes, digit = data.codes, data.label
     assert codes.shape == (1797, 64) and codes.min() == 0 and codes.max() == LEVELS - 1
-    parts = splits(digit)
+    parts = splits(data)
     assert set(digit[parts["pre"]]) == {0, 1, 2, 3, 4}
     assert set(digit[parts["train"]]) == set(digit[parts["held"]]) == {5, 6, 7, 8, 9}
     assert not set(parts["train"]) & set(parts["held"])
     assert len(parts["train"]) + len(parts["held"]) == int((digit >= 5).sum())
-    vocab = digits_vocabulary(tiny.build())
+    vocab = codes_vocabulary(tiny.build())
     i = parts["held"][0]
-    (ex,) = examples(codes, digit, [i], vocab)
+    (ex,) = examples(data, [i], vocab)
     k = int(digit[i])
+    names = ["five", "six", "seven", "eight", "nine"]
     want = ([vocab.bos] + vocab.encode_text(f"digit {k}") + vocab.image(codes[i].tolist())
-            + vocab.encode_text(f"that is a {NAMES[k]}") + [vocab.eos])
+            + vocab.encode_text(f"that is a {names[k - 5]}") + [vocab.eos])
     assert ex.input_ids == want and len(vocab.code_to_token) == LEVELS
+
+
+def test_the_photo_patches_are_two_photographs_quantised():
+    import numpy as np
+
+    from moss.real_experiment import load, splits
+
+    data = load("photos")
+    assert data.codes.shape == (1800, 64) and data.codes.min() >= 0 and data.codes.max() <= 16
+    assert data.new == [1] and np.bincount(data.label).tolist() == [900, 900]
+    assert len(np.unique(data.codes, axis=0)) == 1800  # textured: no two patches alike
+    assert min(len(np.unique(x)) for x in data.codes) >= 3
+    parts = splits(data)
+    assert set(data.label[parts["pre"]]) == {0} and set(data.label[parts["held"]]) == {1}
+    assert data.prompt(1) == "a patch of the flower"
+
 
 def test_the_scorer_reads_real_digits_and_tells_noise_from_them():
     import numpy as np
 
-    from moss.digits_experiment import NEW, Scorer, load, splits
+    from moss.real_experiment import Scorer, load, splits
 
-    codes, digit = load()
-    parts = splits(digit)
-    scorer = Scorer(codes, digit, parts)
+    data = load("digits")
+    parts = splits(data)
+    scorer = Scorer(data, parts)
     train = parts["train"]
-    real = np.stack([codes[train[digit[train] == k]][:30] for k in NEW])
+    real = np.stack([data.codes[train[data.label[train] == k]][:30] for k in data.new])
     noise = np.random.default_rng(0).integers(0, 17, real.shape)
     good, bad = scorer(real), scorer(noise)
     assert good["accuracy"] > 0.85 and bad["accuracy"] < 0.5
     assert bad["mmd"] > 10 * max(good["mmd"], 1e-3)
 
 
-def test_a_miniature_digits_run_reports_every_variant_with_curves_and_samples(tmp_path, capsys):
-    from moss.digits_experiment import run
+@pytest.mark.parametrize("dataset", ["digits", "photos"])
+def test_a_miniature_real_run_reports_every_variant_with_curves_and_samples(dataset, tmp_path,
+                                                                             capsys):
+    from moss.real_experiment import run
 
-    rows = run(quick=True, seeds=1, out=tmp_path, sizes=(3, 4, 2, 2))
+    rows = run(dataset, quick=True, seeds=1, out=tmp_path, sizes=(3, 4, 2, 10))
     names = [r["variant"] for r in rows]
     assert names == ["frozen (no adapter)", "shared r=8", "moe r=8", "conv k=2 r=8",
                      "conv k=3 r=8", "conv k=2 r=3", "conv k=3 r=2", "full fine-tune"]
@@ -102,6 +122,6 @@ def test_a_miniature_digits_run_reports_every_variant_with_curves_and_samples(tm
     moe = next(r for r in rows if r["variant"] == "moe r=8")
     assert conv3["r_image"] == moe["r_image"] == 8 and conv3["params"] > moe["params"]
     assert "| conv k=3 r=2 | equal params |" in capsys.readouterr().out
+    stem = f"{dataset}_experiment_quick"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "digits_experiment_quick.json", "digits_experiment_quick.md",
-        "digits_experiment_quick_curves.png", "digits_experiment_quick_samples.png"]
+        f"{stem}.json", f"{stem}.md", f"{stem}_curves.png", f"{stem}_samples.png"]
