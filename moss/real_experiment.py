@@ -8,8 +8,9 @@ The protocol (bench/results/README.md reads the committed runs):
    records ``"digit k"`` -> image -> ``"that is a <name>"``; digits 0-4 are the old classes,
    5-9 the shift. ``photos``: its two sample photographs (``load_sample_images``: a Chinese
    temple and a flower, 427 x 640), cut into 8 x 8 grey patches quantised to 17 levels, 900
-   textured ones (3 levels or more: no flat sky or shadow) from each, in records ``"a patch of the <photo>"`` -> image -> ``"that is the <photo>"``;
-   the temple is old, the flower the shift. The old classes pre-train a small Chameleon from
+   textured ones (3 levels or more: no flat sky or shadow) from each, in records
+   ``"a patch of the <photo>"`` -> image -> ``"that is the <photo>"``; the temple is old, the
+   flower the shift. The old classes pre-train a small Chameleon from
    scratch (all its weights), which is then frozen; the new ones are split 60% to adapt on,
    40% held out (validation losses, the scoring classifier, the real reference for distances).
 2. **Variants** on the frozen backbone, with the same data order, steps and learning rate, over

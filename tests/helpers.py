@@ -388,3 +388,12 @@ def tiny_janus(seed=0):
         for p in model.model.generation_head.parameters():
             p.normal_(std=0.5)
     return model
+
+
+def randomize_B(moss, scale=0.3):
+    """Non-zero up-projections (a fresh adapter's are zero and change nothing), so that tests
+    see the adapters' effect."""
+    with torch.no_grad():
+        for name, p in moss.model.named_parameters():
+            if name.endswith(("text_B", "image_B")):
+                p.copy_(torch.randn_like(p) * scale)

@@ -26,6 +26,7 @@ from helpers import (
     EMU3_PLACEHOLDER,
     EMU3_VISUAL,
     emu3_checkpoint,
+    randomize_B,
     tiny_emu3,
 )
 
@@ -49,11 +50,7 @@ def _batch():
 
 def _moss(seed=0):
     moss = get_moss_model(tiny_emu3(seed), MossConfig(r_text=4, r_image=3))
-    with torch.no_grad():  # non-zero B, so that the adapters change the output
-        for layer in moss.modules():
-            if isinstance(layer, MossLinear):
-                layer.text_B.normal_(std=0.5)
-                layer.image_B.normal_(std=0.5)
+    randomize_B(moss, scale=0.5)
     return moss
 
 

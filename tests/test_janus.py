@@ -13,18 +13,14 @@ from moss import MossConfig, MossModel, get_moss_model
 from moss.embedding_fed import generate_image, image_loss, text_then_image
 from moss.layer import MossLinear
 
-from helpers import tiny_janus
+from helpers import randomize_B, tiny_janus
 
 GRID = (4, 4)
 
 
 def _moss(seed=0, **cfg):
     moss = get_moss_model(tiny_janus(seed), MossConfig(r_text=4, r_image=3, **cfg))
-    with torch.no_grad():  # non-zero B, so that the adapters change the output
-        for layer in moss.modules():
-            if isinstance(layer, MossLinear):
-                layer.text_B.normal_(std=0.5)
-                layer.image_B.normal_(std=0.5)
+    randomize_B(moss, scale=0.5)
     return moss
 
 

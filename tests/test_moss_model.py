@@ -20,6 +20,7 @@ from helpers import (
     conv2d_formulation,
     interrupt_at,
     random_layout,
+    randomize_B,
     tiny_chameleon,
     tiny_llama,
 )
@@ -33,13 +34,6 @@ def interleaved_ids():
     ids = torch.tensor([a, b])
     mask = torch.tensor([[1] * len(a), [0] * 4 + [1] * (len(b) - 4)])
     return ids, mask
-
-
-def _randomize_B(moss, scale=0.3):
-    with torch.no_grad():
-        for name, p in moss.model.named_parameters():
-            if name.endswith(("text_B", "image_B")):
-                p.copy_(torch.randn_like(p) * scale)
 
 
 @pytest.mark.parametrize("variant", ["conv", "moe", "shared", "conv_rank"])
@@ -58,7 +52,7 @@ def test_zero_B_is_the_base_model_and_only_adapters_train(variant):
         "text_A", "text_B", "image_A", "image_B", "image_down", "image_conv") for n in trainable)
     assert len(moss.wrapped) == 14 and not any("vqmodel" in n for n in moss.wrapped)
     # And the adapters do something once B is not zero, with gradients reaching them.
-    _randomize_B(moss)
+    randomize_B(moss)
     out = moss(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(out, want, atol=1e-3)
     out.float().logsumexp(-1).sum().backward()
@@ -84,7 +78,7 @@ def test_image_tokens_route_through_the_conv_adapter():
 
 def test_explicit_layout_with_inputs_embeds_matches_input_ids_routing():
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=4, image_grid=GRID))
-    _randomize_B(moss)
+    randomize_B(moss)
     ids, mask = interleaved_ids()
     plan = mk.RoutingPlan.from_input_ids(ids, IMG + [3], GRID, mask)
     route = plan.route.view(ids.shape).long()
@@ -98,7 +92,7 @@ def test_explicit_layout_with_inputs_embeds_matches_input_ids_routing():
 def test_llama_with_embeddings_and_route():
     """Emu2-style: a Llama decoder fed embeddings, the layout given explicitly."""
     moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4, kernel_size=3))
-    _randomize_B(moss)
+    randomize_B(moss)
     embeds = torch.randn(2, 12, 32)
     route = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0], [1] * 8 + [0, 0, -1, -1]])
     images = torch.tensor([[2, 2, 2], [12, 2, 4]])
@@ -121,7 +115,7 @@ def test_plan_is_built_once_per_forward(monkeypatch):
 
 def test_the_backbone_is_routed_however_it_is_called_but_a_lone_layer_says_so():
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=4, image_grid=GRID))
-    _randomize_B(moss)
+    randomize_B(moss)
     ids, mask = interleaved_ids()
     with torch.no_grad():
         torch.testing.assert_close(moss.model(input_ids=ids, attention_mask=mask).logits,
@@ -139,7 +133,7 @@ def test_unload_restores_the_base_exactly():
     with torch.no_grad():
         want = base(input_ids=ids).logits
     moss = get_moss_model(base, MossConfig(r_text=4, r_image=4))
-    _randomize_B(moss)
+    randomize_B(moss)
     restored = moss.unload()
     assert restored is base
     assert not any(type(m).__name__ == "MossLinear" for m in restored.modules())
@@ -172,7 +166,7 @@ def test_training_lowers_the_loss():
 
 def test_dropout_applies_to_the_adapters_only_and_only_in_training():
     moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4, dropout=0.5))
-    _randomize_B(moss)
+    randomize_B(moss)
     ids = torch.randint(0, 80, (1, 8))
     plain = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
     plain.load_state_dict(moss.state_dict())
@@ -237,7 +231,7 @@ def test_dropout_is_the_adapters_reading_dropout_x_in_one_call(backend):
 def test_save_and_load_round_trip(tmp_path):
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID,
                                                        alpha_image=5.0))
-    _randomize_B(moss)
+    randomize_B(moss)
     ids, mask = interleaved_ids()
     with torch.no_grad():
         want = moss(input_ids=ids, attention_mask=mask).logits
@@ -259,7 +253,7 @@ def test_a_save_interrupted_at_any_point_leaves_a_loadable_checkpoint(tmp_path, 
     the new one, never a mixture and never an error."""
     moss = get_moss_model(tiny_llama(), MossConfig(r_text=4, r_image=4))
     old = {k: v.clone() for k, v in moss.adapter_state_dict().items()}
-    _randomize_B(moss)
+    randomize_B(moss)
     new = {k: v.clone() for k, v in moss.adapter_state_dict().items()}
     outcomes = set()
     for k in range(1, 100):
@@ -313,7 +307,7 @@ def test_prefill_then_token_by_token_decode_equals_the_full_forward(variant, k, 
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, kernel_size=k,
                                                        image_adapter=variant, image_grid=GRID,
                                                        backend=backend))
-    _randomize_B(moss, scale=1.0)
+    randomize_B(moss, scale=1.0)
     ids, mask = decode_sequence()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache_kw = _cache_kwarg(moss.model)
@@ -334,7 +328,7 @@ def test_prefill_then_token_by_token_decode_equals_the_full_forward(variant, k, 
 
 def test_generate_uses_the_decode_state():
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID))
-    _randomize_B(moss, scale=1.0)
+    randomize_B(moss, scale=1.0)
     ids, mask = decode_sequence()
     prompt, pmask = ids[:, :8], mask[:, :8]  # ends inside an image
     with torch.no_grad():
@@ -357,7 +351,7 @@ def test_beam_search_scores_are_the_full_forwards_scores():
     differed by ~0.1 nats). Three beams, three returned sequences each, a left-padded row."""
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID),
                           image_logits=True)  # image codes can be generated
-    _randomize_B(moss, scale=1.0)
+    randomize_B(moss, scale=1.0)
     prompt = torch.tensor([[1, 7] + IMG[:5], [0, 0, 11] + IMG[17:21]])
     pmask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
     eos = moss.model.generation_config.eos_token_id
@@ -396,7 +390,7 @@ def test_decode_calls_of_several_tokens_equal_the_full_forward(variant):
     """What assisted decoding's verification does: several new tokens in one cached call."""
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_adapter=variant,
                                                        image_grid=GRID))
-    _randomize_B(moss, scale=1.0)
+    randomize_B(moss, scale=1.0)
     ids, mask = decode_sequence()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -410,7 +404,7 @@ def test_a_crop_takes_back_the_last_calls_tokens():
     """Feed 4 tokens, crop 3 of them, feed others: as if the others had come first (the rings'
     overwritten slots restored); a crop reaching into an earlier call is refused."""
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID))
-    _randomize_B(moss, scale=1.0)
+    randomize_B(moss, scale=1.0)
     kw = _cache_kwarg(moss.model)
     prompt = [1, 7] + IMG[:6]
     tried, kept = IMG[6:10], IMG[20:23]
@@ -442,7 +436,7 @@ def test_assisted_decoding_gives_plain_greedy_decoding(how):
     them in one call and crops the rejected ones: its output is greedy decoding's."""
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID),
                           image_logits=True)
-    _randomize_B(moss, scale=1.0)
+    randomize_B(moss, scale=1.0)
     prompt = torch.tensor([[1, 7] + IMG[:6] + [9, 7] + IMG[:5]])  # n-grams to look up
     kw = dict(assistant_model=tiny_chameleon()) if how == "assistant" else how
     with torch.no_grad():
