@@ -25,14 +25,13 @@ batch and samples ``u + scale * (c - u)``.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .model import MossModel
+from .model import MossModel, cache_kwarg
 
 
 def text_then_image(moss: MossModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -41,7 +40,7 @@ def text_then_image(moss: MossModel, input_ids: torch.Tensor, attention_mask: to
     ``codes`` ``[B, k]`` (k <= H*W: an image being generated may be partial), the grid
     ``moss.image_grid``: ``inputs_embeds``, ``attention_mask``, ``position_ids``, ``route``,
     ``images``."""
-    embed_codes, _ = _heads(moss, embed_codes, lambda h: h)
+    embed_codes = embed_codes or moss.backbone.image_generation(moss.model)[0]
     b, t = _check_prompt(input_ids, attention_mask)
     h, w = _grid(moss)
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[0] != b:
@@ -64,7 +63,7 @@ def image_loss(moss: MossModel, batch: dict, codes: torch.Tensor,
                code_logits: Callable | None = None) -> torch.Tensor:
     """Cross-entropy of ``codes`` (the image ending each row of ``batch``, as
     :func:`text_then_image` built it), each predicted from the hidden state before it."""
-    _, code_logits = _heads(moss, lambda c: c, code_logits)
+    code_logits = code_logits or moss.backbone.image_generation(moss.model)[1]
     n = codes.shape[1]
     hidden = moss(**batch, output_hidden_states=True).hidden_states[-1]
     logits = code_logits(hidden[:, -n - 1:-1])
@@ -84,7 +83,9 @@ def generate_image(moss: MossModel, input_ids: torch.Tensor, attention_mask: tor
     beside the prompts and the codes follow ``u + scale * (c - u)``."""
     from transformers import DynamicCache
 
-    embed_codes, code_logits = _heads(moss, embed_codes, code_logits)
+    if embed_codes is None or code_logits is None:
+        embed, head = moss.backbone.image_generation(moss.model)
+        embed_codes, code_logits = embed_codes or embed, code_logits or head
     b, _ = _check_prompt(input_ids, attention_mask)
     h, w = _grid(moss)
     guided = guidance_scale is not None
@@ -101,7 +102,7 @@ def generate_image(moss: MossModel, input_ids: torch.Tensor, attention_mask: tor
         attention_mask = attention_mask.repeat(2, 1)
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")
-    cache = {_cache_kwarg(moss.model): DynamicCache(), "use_cache": True,
+    cache = {cache_kwarg(moss.model): DynamicCache(), "use_cache": True,
              "output_hidden_states": True}
     mask = attention_mask
     position = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -129,14 +130,6 @@ def generate_image(moss: MossModel, input_ids: torch.Tensor, attention_mask: tor
     return codes
 
 
-def _heads(moss: MossModel, embed_codes, code_logits) -> tuple[Callable, Callable]:
-    """The given ``(embed_codes, code_logits)``, the backbone's where None."""
-    if embed_codes is None or code_logits is None:
-        embed, logits = moss.backbone.image_generation(moss.model)
-        embed_codes, code_logits = embed_codes or embed, code_logits or logits
-    return embed_codes, code_logits
-
-
 def _check_prompt(input_ids, attention_mask) -> tuple[int, int]:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or \
             input_ids.dtype.is_floating_point:
@@ -154,9 +147,3 @@ def _grid(moss: MossModel) -> tuple[int, int]:
         raise ValueError("image_grid: the images' grid is unknown for this backbone; set "
                          "MossConfig(image_grid=(H, W))")
     return tuple(moss.image_grid)
-
-
-def _cache_kwarg(model) -> str:
-    """transformers 5 renames ``past_key_values`` to ``cache``: whichever ``forward`` takes."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"

@@ -322,6 +322,13 @@ def _images_tensor(images, device) -> torch.Tensor:
     return images if images.dim() == 2 else images.reshape(-1, 3)  # (an empty list)
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The KV-cache keyword of ``model.forward``: transformers 5 renames ``past_key_values`` to
+    ``cache``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else \
+        "past_key_values"
+
+
 def _past_length(cache) -> int:
     """Tokens already in a KV cache (0: none, or no cache)."""
     return cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0

@@ -10,6 +10,7 @@ import torch
 import moss_kernels as mk
 from moss import MossConfig, MossModel, get_moss_model
 from moss.layer import MossLinear
+from moss.model import cache_kwarg
 from moss.router import Router
 
 from helpers import (
@@ -280,13 +281,6 @@ def test_config_round_trip():
     assert cfg.window == 1 and MossConfig().window == 2
 
 
-def _cache_kwarg(model) -> str:
-    """transformers renamed past_key_values to cache in 5.x; take whichever forward has."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def decode_sequence():
     """Row 0: text, a 3 x 3 image, a second image back to back (a run longer than H*W), text.
     Row 1, left-padded, is at other positions within its images."""
@@ -310,7 +304,7 @@ def test_prefill_then_token_by_token_decode_equals_the_full_forward(variant, k, 
     randomize_B(moss, scale=1.0)
     ids, mask = decode_sequence()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_kw = _cache_kwarg(moss.model)
+    cache_kw = cache_kwarg(moss.model)
     slow = backend == "triton"  # (on CPU tensors: interpreted)
     with torch.no_grad():
         full = moss(input_ids=ids, attention_mask=mask, position_ids=positions).logits
@@ -396,7 +390,7 @@ def test_decode_calls_of_several_tokens_equal_the_full_forward(variant):
     with torch.no_grad():
         full = moss(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         for chunk in (2, 3, 5):
-            got, _ = _chunked(moss, ids, mask, positions, 4, chunk, _cache_kwarg(moss.model))
+            got, _ = _chunked(moss, ids, mask, positions, 4, chunk, cache_kwarg(moss.model))
             torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4, msg=f"chunk {chunk}")
 
 
@@ -405,7 +399,7 @@ def test_a_crop_takes_back_the_last_calls_tokens():
     overwritten slots restored); a crop reaching into an earlier call is refused."""
     moss = get_moss_model(tiny_chameleon(), MossConfig(r_text=4, r_image=3, image_grid=GRID))
     randomize_B(moss, scale=1.0)
-    kw = _cache_kwarg(moss.model)
+    kw = cache_kwarg(moss.model)
     prompt = [1, 7] + IMG[:6]
     tried, kept = IMG[6:10], IMG[20:23]
     with torch.no_grad():

@@ -71,7 +71,6 @@ class Emu3Spec(BackboneSpec):
     def decoder_layers(self, model):
         return list(model.model.text_model.layers)
 
-
     def vocabulary(self, model, text: TextCodec) -> Vocabulary:
         vmap = model.config.vocabulary_map or {}
         missing = [name for name in MARKERS.values() if name not in vmap]
