@@ -9,6 +9,8 @@ incremental generation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -71,36 +73,42 @@ class MossLinear(nn.Module):
         tokens, the ConvLoRA from this layer's ring of past tap products for image tokens (the
         ring is allocated here if the prefill left none)."""
         router, step = self._router, self._router.step
-        xs = x[:, -1]  # [B, D_in]: the ring's batch
         images = self.variant.has_image_adapter and router.grid is not None
         k = self.window if images else 1
         # The weights packed once per generation (parameters do not change inside generate);
-        # with gradients on, packed every step so that they flow to the parameters.
+        # with gradients on, packed every step so that they flow to the parameters (through
+        # the reference). Eagerly, the backend's step is bound once per generation.
         grad = torch.is_grad_enabled()
         packed = None if grad else router.packed.get(id(self))
         if packed is None:
             packed = self._pack(x.dtype, images)
             if not grad:
                 router.packed[id(self)] = packed
+        if grad or torch.compiler.is_compiling():
+            run = functools.partial(moss_decode, backend=self.backend)
+        else:
+            run = router.decode_step(self.backend, x)
         if images:
             ring = router.rings.get(id(self))
             if ring is None:
-                ring = xs.new_zeros(xs.shape[0], ring_size(k, step.grid[1]),
-                                    packed[2].shape[0] - self.text_A.shape[0],
-                                    dtype=ring_dtype(xs.dtype))
+                ring = x.new_zeros(x.shape[0], ring_size(k, step.grid[1]),
+                                   packed[2].shape[0] - self.text_A.shape[0],
+                                   dtype=ring_dtype(x.dtype))
                 router.rings[id(self)] = ring
-            kind = step.kind
         else:  # no image adapter (image tokens take the text adapter) or no image layout
-            ring = xs.new_zeros(xs.shape[0], 0, 0, dtype=ring_dtype(xs.dtype))
-            kind = step.kind if self.variant.has_image_adapter else step.kind.clamp(max=0)
-        ys, drafts = [], x.shape[1] > 1
-        for j in range(x.shape[1]):  # T > 1: an assistant's candidates, one after the other
-            if images and drafts:  # what this token overwrites, in case a crop takes it back
+            ring = x.new_zeros(x.shape[0], 0, 0, dtype=ring_dtype(x.dtype))
+        r_text = self.text_A.shape[0]
+        if x.shape[1] == 1 and self.variant.has_image_adapter:  # generate's every step
+            return run(x[:, 0], *packed, ring, *step.tokens[0], r_text, k).unsqueeze(1)
+        ys = []
+        for j, (kind, pos, width) in enumerate(step.tokens):  # T > 1: an assistant's drafts
+            if not self.variant.has_image_adapter:  # image tokens take the text adapter
+                kind = kind.clamp(max=0)
+            if images and x.shape[1] > 1:  # what this token overwrites, in case a crop undoes it
                 batch = torch.arange(ring.shape[0], device=ring.device)
-                slot = step.pos[j] % ring.shape[1]
+                slot = pos % ring.shape[1]
                 router.undo.setdefault(id(self), []).append((slot, ring[batch, slot].clone()))
-            ys.append(moss_decode(x[:, j], *packed, ring, kind[j], step.pos[j], step.width[j],
-                                  self.text_A.shape[0], k, self.backend))
+            ys.append(run(x[:, j], *packed, ring, kind, pos, width, r_text, k))
         return torch.stack(ys, 1)
 
     def _pack(self, dtype: torch.dtype, images: bool) -> tuple:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import moss_kernels as mk
+import moss_kernels.decode as mk_decode
 
 #: The keyword argument that carries a call's Routing down to the decoder layers.
 KWARG = "moss_routing"
@@ -51,6 +52,11 @@ class DecodeStep:
     pos: torch.Tensor  # [T, B] int64: its position in its image (valid for image tokens)
     grid: tuple[int, int]
     width: torch.Tensor  # [T, B] int64: the width of its image (the decode op's, per row)
+
+    def __post_init__(self):
+        # Each token's (kind, pos, width) rows, sliced once per call rather than by every layer
+        # (a decode step of a small model is short enough that per-layer indexing shows; #16).
+        self.tokens = list(zip(self.kind, self.pos, self.width))
 
 
 class Routing:
@@ -78,6 +84,7 @@ class Router:
         self.grid: tuple[int, int] | None = None
         self.rings: dict[int, torch.Tensor] = {}  # layer id -> [B, L, K*K*R_i]
         self.packed: dict[int, tuple] = {}  # layer id -> its weights, packed for decoding
+        self.steps: dict[tuple, object] = {}  # (backend, device, dtype) -> bound decode step
         self.image_table: torch.Tensor | None = None  # [max image id + 1] bool
         # The last decode call: run lengths before / after each token, and per layer the ring
         # slots its tokens overwrote, [(slot [B], old [B, C])] (Router._undo).
@@ -119,7 +126,7 @@ class Router:
             self.run = run_at[:, -1]
             keep = min(PREFILL_UNDO, is_img.shape[1] - 1)
             self.history = [run_at[:, -1 - i] for i in range(keep, -1, -1)]
-            self.grid, self.rings, self.packed = grid, {}, {}
+            self.grid, self.rings, self.packed, self.steps = grid, {}, {}, {}
             self.undo, self.seeds = None, {}
         return self.current
 
@@ -147,7 +154,7 @@ class Router:
         self.run = self.history[-1]
         # The ring's design width, one over the widest image: its S slots then span the K-1
         # rows before a token together with their row ends.
-        self.grid, self.rings, self.packed = (1, max_width + 1), {}, {}
+        self.grid, self.rings, self.packed, self.steps = (1, max_width + 1), {}, {}, {}
         self.undo, self.seeds = None, {}
 
     def begin_decode(self, input_ids, mask, validate=False):
@@ -189,6 +196,14 @@ class Router:
         kind = torch.where(is_img, 1, torch.where(pad, -1, 0)).to(torch.int8)
         self.step = DecodeStep(kind.t().contiguous(), torch.stack(pos), (h, w),
                                torch.stack(widths))
+
+    def decode_step(self, backend: str | None, x: torch.Tensor):
+        """moss_kernels.decode.decode_step for ``x``, bound once per generation."""
+        key = (backend, x.device, x.dtype)
+        step = self.steps.get(key)
+        if step is None:
+            step = self.steps[key] = mk_decode.decode_step(backend, x.device, x.dtype)
+        return step
 
     def end(self):
         self.mode, self.current, self.step, self.fill = None, None, None, False

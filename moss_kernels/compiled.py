@@ -5,9 +5,10 @@ backend ``cuda-emulated`` (csrc/emulated).
 (flat schemas, csrc/moss_ops.cpp), which dispatch on the tensors' device: on CPU the base GEMM is
 ATen's (MKL) and the adapter runs in hand-vectorised route-aware kernels
 (csrc/cpu/rank_kernels.h); on CUDA the adapter rides in cuBLAS GEMMs around the routing kernels
-(csrc/cuda/linear_impl.h). The decode step is ``moss::_ext_decode`` on both devices: one
-composition (csrc/cuda/decode_impl.h) around the GPU's decode_taps kernel, which the CPU runs as
-one thread. ``cuda-emulated`` runs that same CUDA source on CPU tensors, through
+(csrc/cuda/linear_impl.h). The decode step is ``moss::_ext_decode`` on both devices: on CUDA the
+composition of csrc/cuda/decode_impl.h around the decode_taps kernel, on CPU the base GEMV and a
+rank space of its own (csrc/cpu/decode_cpu.cpp). ``cuda-emulated`` runs the CUDA source on CPU
+tensors, through
 ``moss::_emulated_linear_fwd`` / ``_bwd`` / ``_decode``, so that CI executes it without a GPU.
 moss_kernels/backends.py loads this module only once the extension has loaded.
 """

@@ -25,9 +25,12 @@ compiles it once). It is one custom op, ``moss::decode`` (opaque to torch.compil
 op), which hands the step to its backend's ``decode`` (moss_kernels/backends.py):
 
 * ``reference``: :func:`moss_kernels.reference.decode`, the specification, in PyTorch ops;
-* ``cpu`` and ``cuda``: ``moss::_ext_decode``, one composition (csrc/cuda/decode_impl.h: three
-  GEMVs around the decode_taps kernel, which the CPU runs as one thread); on CPU this replaced
-  ~25 PyTorch calls per layer and token that cost 2.4x PEFT LoRA's decode (#16);
+* ``cuda``: ``moss::_ext_decode``, the composition of csrc/cuda/decode_impl.h (three GEMVs
+  around the decode_taps kernel);
+* ``cpu``: ``moss::_ext_decode`` too, with a CPU rank space of its own (csrc/cpu/decode_cpu.cpp:
+  only the token's route's rows and columns, per-token index arithmetic, the adapters' reads
+  shared out over the threads). As ~25 PyTorch calls per layer and token the step cost 2.4x
+  PEFT LoRA's decode; as the GPU's composition run on one CPU thread, 1.3x the plain model's (#16);
 * ``triton``: cuBLAS products around a Triton taps kernel (moss_kernels/triton/decode.py);
 * ``cuda-emulated``: the CUDA composition and kernel on CPU tensors (tests).
 
@@ -36,6 +39,8 @@ The kernels have no autograd: with gradients on for any input, :func:`moss_decod
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -56,9 +61,12 @@ def ring_size(kernel_size: int, width: int) -> int:
 def pack(text_A: Tensor, text_B: Tensor, image_A: Tensor, image_B: Tensor, text_scale: float,
          image_scale: float) -> tuple[Tensor, Tensor]:
     """``(a_all [R_t + K*K*R_i, D_in], b_cat [D_out, R_t + R_i])``: the adapters as a decode
-    step reads them (differentiable: the layer packs them per step when gradients are on)."""
-    return stack_down(text_A, image_A), torch.cat(
-        [text_B * text_scale, image_B * image_scale], dim=1)
+    step reads them (differentiable: the layer packs them per step when gradients are on).
+    ``b_cat`` is column-major (``b_cat.t()`` contiguous): the CPU step adds ``z_j`` times its
+    columns to y, each a contiguous run over D_out, and reads only the token's route's columns;
+    any layout is accepted (others are copied per call)."""
+    b_cat = torch.cat([text_B * text_scale, image_B * image_scale], dim=1)
+    return stack_down(text_A, image_A), b_cat.t().contiguous().t()
 
 
 def moss_decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat: Tensor,
@@ -86,11 +94,33 @@ def moss_decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b
         check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
         return reference_decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text,
                                 kernel_size)
-    name = backends.resolve(backend, x.device.type, x.dtype)
-    # Eagerly, straight to the backend: the custom op's Python dispatch costs ~110 us per call on
-    # the dev CPU (3x the CPU step itself, 28 calls per token). torch.compile traces the op.
-    step = decode_op if torch.compiler.is_compiling() else _decode
-    return step(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size, name)
+    args = (x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
+    if torch.compiler.is_compiling():
+        return decode_op(*args, backends.resolve(backend, x.device.type, x.dtype))
+    return decode_step(backend, x.device, x.dtype)(*args)
+
+
+def decode_step(backend: str | None, device: torch.device, dtype: torch.dtype) -> Callable:
+    """:func:`moss_decode`, eager, for inputs that need no gradient, its backend resolved once:
+    ``step(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size) -> y``
+    (``width`` a tensor). A layer keeps one per generation: a small model's decode step is short
+    enough that resolving per layer and token shows (#16). Eagerly the step goes straight to the
+    backend: the custom op's Python dispatch costs ~110 us per call on the dev CPU, several times
+    the CPU step itself (torch.compile traces the op instead: :func:`moss_decode`)."""
+    return _eager(backends.resolve(backend, device.type, dtype))
+
+
+def _eager(name: str) -> Callable:
+    """Backend ``name``'s decode, its arguments checked (the C++ and Triton kernels check their
+    own)."""
+    impl = backends.implementation(name).decode
+    if impl is not reference_decode:
+        return impl
+
+    def checked(*args):
+        check_args(*args)
+        return impl(*args)
+    return checked
 
 
 @torch.library.custom_op("moss::decode", mutates_args=("ring",))
@@ -98,16 +128,8 @@ def decode_op(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_c
               ring: Tensor, kind: Tensor, pos: Tensor, width: Tensor, r_text: int,
               kernel_size: int, backend: str) -> Tensor:
     """:func:`moss_decode` on backend ``backend`` (a resolved name), for torch.compile."""
-    return _decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size,
-                   backend)
-
-
-def _decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size,
-            backend: str) -> Tensor:
-    step = backends.implementation(backend).decode
-    if step is reference_decode:  # the C++ and Triton kernels check their own arguments
-        check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
-    return step(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
+    return _eager(backend)(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text,
+                           kernel_size)
 
 
 @decode_op.register_fake

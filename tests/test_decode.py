@@ -46,11 +46,14 @@ CASES = [(b, d) for b in FUSED for d in (torch.float64, torch.float32, torch.flo
 @pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("r_t,r_i", [(3, 4), (0, 4), (3, 0), (17, 33)])
-def test_every_backend_is_the_specification(backend, dtype, k, r_t, r_i, gen):
+@pytest.mark.parametrize("d_in,d_out", [(13, 11), (100, 300)])
+def test_every_backend_is_the_specification(backend, dtype, k, r_t, r_i, d_in, d_out, gen):
     """y and the updated ring, for a batch of text, image (every grid position, the first row
     and column included) and padding tokens over a ring of random past tap products; ranks
-    over a Triton rank block (16) included."""
-    b, d_in, d_out = 3 * H * W, 13, 11
+    over a Triton rank block (16) included; sizes under one vector, and over several vectors
+    with a partial one (the CPU kernels' whole-vector and tail paths, and their rows and
+    outputs shared out over threads)."""
+    b = 3 * H * W
     p = _params(gen, d_in, d_out, r_t, r_i, k)
     x = torch.randn(b, d_in, generator=gen, dtype=torch.float64)
     ring = torch.randn(b, ring_size(k, W), k * k * r_i, generator=gen, dtype=torch.float64)
@@ -134,6 +137,25 @@ def test_separated_rows_and_per_sequence_widths_decode_as_the_full_forward(backe
                   ring, kind, pos, widths)
         real = (kind >= 0).cpu()
         assert rel_err(y.cpu()[real], full[real, t]) <= TOLERANCE[dtype], t
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_a_row_major_b_cat_gives_the_same_step(backend, gen):
+    """pack() makes b_cat column-major (what the CPU step reads without a copy); a caller's
+    row-major one is the same adapter."""
+    p = {n: v.float() for n, v in _params(gen, 40, 70, 3, 4, 2).items()}
+    x = torch.randn(3, 40, generator=gen)
+    kind, pos = torch.tensor([1, 0, 1], dtype=torch.int8), torch.tensor([7, 0, 12])
+    a_all, b_cat = pack(p["text_A"], p["text_B"], p["image_A"], p["image_B"], *SCALES)
+    assert b_cat.t().is_contiguous()
+    ring = torch.randn(3, ring_size(2, W), 16, generator=gen)
+    on = [t.to(DEVICE) for t in (x, p["weight"], p["bias"], a_all)]
+    got = []
+    for b in (b_cat, b_cat.contiguous()):
+        r = ring.to(DEVICE)
+        got.append(moss_decode(*on, b.to(DEVICE), r, kind.to(DEVICE), pos.to(DEVICE), W, 3, 2,
+                               backend=backend).cpu())
+    torch.testing.assert_close(got[0], got[1])
 
 
 def test_with_gradients_on_the_step_is_differentiable(gen):

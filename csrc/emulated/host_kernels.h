@@ -4,8 +4,7 @@
 // library too), so a linker can never take one for the other. Every header they include is
 // included first, so only their own declarations land in it. A host Launch sets the shim's
 // blockIdx / threadIdx / blockDim / gridDim (cuda_shim.h) and calls the kernel per thread.
-// Used by the cuda-emulated test backend (linear_emulated.cpp) and by the CPU decode step
-// (csrc/cpu/decode_cpu.cpp), which runs the GPU's decode kernel as one thread.
+// Used by the cuda-emulated test backend (linear_emulated.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
