@@ -349,7 +349,10 @@ class Router:
                 "called by the backbone) or the whole model, not parts of a layer")
         raise RuntimeError(
             "a MOSS layer ran outside MossModel.forward: call the wrapped model (the object "
-            "get_moss_model returned), which routes the batch, not its inner modules")
+            "get_moss_model returned), which routes the batch, not its inner modules. A "
+            "backbone's own image generation that calls its language model directly (Janus's "
+            "generate(generation_mode='image')) goes past the routing: generate images with "
+            "moss.embedding_fed.generate_image")
 
 
 def _advance(state: torch.Tensor, img: torch.Tensor, end: torch.Tensor) -> torch.Tensor:

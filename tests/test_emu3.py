@@ -177,6 +177,25 @@ def test_decode_calls_of_several_tokens_and_crops_follow_the_rows(prefix, chunk)
                                        msg=f"crop after the {first}")
 
 
+@pytest.mark.parametrize("keep", [7, 9, 10, 12])
+def test_a_crop_of_the_prefill_back_into_the_first_image_follows_it(keep):
+    """A prompt that ends inside the second image, cropped back into the first image (inside a
+    row, at its end, just after its row end) or into the text after it: the re-seeded rings
+    hold the first image's tap products only (the second image's are dropped), and decoding on
+    == the full forward."""
+    import transformers
+
+    moss = _moss()
+    ids = _batch()[0][:1]
+    with torch.no_grad():
+        full = moss(input_ids=ids).logits
+        cache = transformers.DynamicCache()
+        moss(input_ids=ids[:, :15], use_cache=True, past_key_values=cache)
+        cache.crop(keep - 15)  # transformers 5: the number of tokens to remove, negated
+        rest = moss(input_ids=ids[:, keep:], use_cache=True, past_key_values=cache).logits
+    torch.testing.assert_close(rest, full[:, keep:], rtol=1e-4, atol=1e-4)
+
+
 def test_an_image_wider_than_the_decode_state_holds_is_refused(monkeypatch):
     """The rings are sized for the backbone's max_image_width: a wider row, in the prompt or
     generated, is a clear error (checked where the ids are on the host)."""

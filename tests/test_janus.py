@@ -3,7 +3,8 @@ config: only the language model is adapted; images (codes entering as embeddings
 their own head) are routed from explicit layouts (moss/embedding_fed.py); a training step
 reaches both adapters and lowers the loss, the adapter round-trips; generation decodes with
 the incremental ConvLoRA state and equals the full forward (greedy, guided, and from a prompt
-that ends inside an image); misuse of explicit-layout decoding is refused."""
+that ends inside an image); misuse of explicit-layout decoding is refused, and Janus's own image
+generation (past the routing) says which function generates images."""
 
 import pytest
 import torch
@@ -146,3 +147,9 @@ def test_explicit_layout_decoding_refuses_what_it_cannot_follow():
         generate_image(moss, ids, mask, guidance_scale=2.0, progress=False)
     with pytest.raises(ValueError, match="codes: 17 codes per row, more than one 4 x 4 image"):
         text_then_image(moss, ids, mask, torch.zeros(2, 17, dtype=torch.long))
+    # Janus's own image generation calls its language model past MOSS's routing: the error
+    # says which function generates images.
+    moss.model.generation_config.generation_kwargs = {"boi_token_id": 1}
+    with pytest.raises(RuntimeError, match="generate images with moss.embedding_fed"):
+        moss.generate(input_ids=ids, attention_mask=mask, generation_mode="image",
+                      guidance_scale=2.0)
