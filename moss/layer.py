@@ -88,18 +88,15 @@ class MossLinear(nn.Module):
             run = functools.partial(moss_decode, backend=self.backend)
         else:
             run = router.decode_step(self.backend, x)
-        if images:
-            ring = router.rings.get(id(self))
-            if ring is None:
-                ring = x.new_zeros(x.shape[0], ring_size(k, step.grid[1]),
-                                   packed[2].shape[0] - self.text_A.shape[0],
-                                   dtype=ring_dtype(x.dtype))
-                router.rings[id(self)] = ring
-        else:  # no image adapter (image tokens take the text adapter) or no image layout
-            ring = x.new_zeros(x.shape[0], 0, 0, dtype=ring_dtype(x.dtype))
+        # The ring of past tap products (empty without an image adapter or image layout),
+        # allocated once per generation if the prefill seeded none.
         r_text = self.text_A.shape[0]
-        if x.shape[1] == 1 and self.variant.has_image_adapter:  # generate's every step
-            return run(x[:, 0], *packed, ring, *step.tokens[0], r_text, k).unsqueeze(1)
+        ring = router.rings.get(id(self))
+        if ring is None:
+            slots, columns = (ring_size(k, step.grid[1]), packed[2].shape[0] - r_text) if images \
+                else (0, 0)
+            ring = x.new_zeros(x.shape[0], slots, columns, dtype=ring_dtype(x.dtype))
+            router.rings[id(self)] = ring
         ys = []
         for j, (kind, pos, width) in enumerate(step.tokens):  # T > 1: an assistant's drafts
             if not self.variant.has_image_adapter:  # image tokens take the text adapter
@@ -109,7 +106,7 @@ class MossLinear(nn.Module):
                 slot = pos % ring.shape[1]
                 router.undo.setdefault(id(self), []).append((slot, ring[batch, slot].clone()))
             ys.append(run(x[:, j], *packed, ring, kind, pos, width, r_text, k))
-        return torch.stack(ys, 1)
+        return ys[0].unsqueeze(1) if len(ys) == 1 else torch.stack(ys, 1)
 
     def _pack(self, dtype: torch.dtype, images: bool) -> tuple:
         """``(weight, bias, a_all, b_cat)`` in ``dtype``, as the decode op reads them
