@@ -4,12 +4,13 @@
 // (moss_kernels/linear.py) so that the package works without this extension; the compiled
 // backends add their kernels to the same `moss` namespace from here, as a fragment, with one
 // TORCH_LIBRARY_IMPL per device beside its kernels (cpu/, cuda/).
-// Importing the module is what registers them; the Python module object itself is empty.
-#include <Python.h>
+// Importing the module is what registers them (and binds the CPU decode step: below).
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <string>
 
+#include "cpu/decode_cpu.h"
 #include "emulated/emulated.h"
 
 #ifndef MOSS_TORCH_VERSION
@@ -101,11 +102,33 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
 
 }  // namespace moss
 
-extern "C" {
-// An importable, empty module: `import moss_kernels._C` loads the library and runs the
-// registration above (the pattern of pytorch/extension-cpp; no pybind11 needed).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+// The module: importing it loads the library and runs the registrations above (the pattern of
+// pytorch/extension-cpp); its one Python function is the CPU decode step, bound straight.
+//
+// Why a direct binding beside the op: a decode step of a small model is a few tens of us a
+// layer, and a call through torch.ops (arguments boxed against the schema, then the Autograd
+// and ADInplaceOrView fallbacks for an op that mutates `ring`) cost 10-20 us more than F.linear
+// in the model (#16, bench/results/README.md). moss_kernels.decode.decode_step, which serves
+// only inputs that need no gradient, calls this; torch.compile and the tests still go through
+// moss::_ext_decode, the same kernel. Errors keep the types torch gives them.
+PYBIND11_MODULE(_C, m) {
+  m.def(
+      "_decode_cpu",
+      [](const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+         const at::Tensor& a_all, const at::Tensor& b_cat, at::Tensor ring,
+         const at::Tensor& kind, const at::Tensor& pos, const at::Tensor& width, int64_t r_t,
+         int64_t k) {
+        try {
+          pybind11::gil_scoped_release released;
+          return moss::cpu::decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_t,
+                                   k);
+        } catch (const c10::ValueError& e) {
+          throw pybind11::value_error(e.what_without_backtrace());
+        } catch (const c10::TypeError& e) {
+          throw pybind11::type_error(e.what_without_backtrace());
+        } catch (const c10::Error& e) {
+          throw std::runtime_error(e.what_without_backtrace());
+        }
+      },
+      "moss::_ext_decode on CPU tensors, without the dispatcher (inputs needing no gradient)");
 }

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import moss_kernels as mk
+import moss_kernels.decode as mk_decode
 from moss_kernels.decode import moss_decode, pack, ring_dtype, ring_size
 
 from .config import MossConfig
@@ -70,43 +71,49 @@ class MossLinear(nn.Module):
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """A decode call's new tokens (one per sequence, or an assistant's candidates, one after
         the other) through moss_kernels' decode op: the base layer, the text LoRA for text
-        tokens, the ConvLoRA from this layer's ring of past tap products for image tokens (the
-        ring is allocated here if the prefill left none)."""
-        router, step = self._router, self._router.step
-        images = self.variant.has_image_adapter and router.grid is not None
-        k = self.window if images else 1
-        # The weights packed once per generation (parameters do not change inside generate);
-        # with gradients on, packed every step so that they flow to the parameters (through
-        # the reference). Eagerly, the backend's step is bound once per generation.
-        grad = torch.is_grad_enabled()
-        packed = None if grad else router.packed.get(id(self))
-        if packed is None:
-            packed = self._pack(x.dtype, images)
-            if not grad:
-                router.packed[id(self)] = packed
-        if grad or torch.compiler.is_compiling():
-            run = functools.partial(moss_decode, backend=self.backend)
-        else:
-            run = router.decode_step(self.backend, x)
-        # The ring of past tap products (empty without an image adapter or image layout),
-        # allocated once per generation if the prefill seeded none.
-        r_text = self.text_A.shape[0]
-        ring = router.rings.get(id(self))
-        if ring is None:
-            slots, columns = (ring_size(k, step.grid[1]), packed[2].shape[0] - r_text) if images \
-                else (0, 0)
-            ring = x.new_zeros(x.shape[0], slots, columns, dtype=ring_dtype(x.dtype))
-            router.rings[id(self)] = ring
+        tokens, the ConvLoRA from this layer's ring of past tap products for image tokens."""
+        router = self._router
+        # Eagerly without gradients (generate), what the layer needs is bound once per
+        # generation: a small model's decode step is short enough that resolving it per layer
+        # and token shows (#16). With gradients, packed every call so that they flow to the
+        # parameters; under torch.compile, traced through moss_decode's custom op.
+        eager = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+        bound = router.bound.get(id(self)) if eager else None
+        if bound is None:
+            bound = self._bind(x, eager)
+        run, packed, r_text, k = bound
+        ring = router.rings[id(self)]
+        step = router.step
+        tokens = step.tokens if self.variant.has_image_adapter else step.text_tokens
+        log = x.shape[1] > 1 and ring.shape[1] > 0  # what each token overwrites, for a crop
         ys = []
-        for j, (kind, pos, width) in enumerate(step.tokens):  # T > 1: an assistant's drafts
-            if not self.variant.has_image_adapter:  # image tokens take the text adapter
-                kind = kind.clamp(max=0)
-            if images and x.shape[1] > 1:  # what this token overwrites, in case a crop undoes it
+        for j, (kind, pos, width) in enumerate(tokens):  # T > 1: an assistant's drafts
+            if log:
                 batch = torch.arange(ring.shape[0], device=ring.device)
                 slot = pos % ring.shape[1]
                 router.undo.setdefault(id(self), []).append((slot, ring[batch, slot].clone()))
             ys.append(run(x[:, j], *packed, ring, kind, pos, width, r_text, k))
         return ys[0].unsqueeze(1) if len(ys) == 1 else torch.stack(ys, 1)
+
+    def _bind(self, x: torch.Tensor, keep: bool) -> tuple:
+        """``(step, packed weights, R_T, K)`` for decoding ``x`` (kept in the Router for the
+        generation when ``keep``), and this layer's ring of past tap products, allocated if the
+        prefill seeded none (empty without an image adapter or image layout)."""
+        router = self._router
+        images = self.variant.has_image_adapter and router.grid is not None
+        k = self.window if images else 1
+        packed = self._pack(x.dtype, images)
+        r_text = self.text_A.shape[0]
+        if id(self) not in router.rings:
+            slots, columns = (ring_size(k, router.grid[1]), packed[2].shape[0] - r_text) \
+                if images else (0, 0)
+            router.rings[id(self)] = x.new_zeros(x.shape[0], slots, columns,
+                                                 dtype=ring_dtype(x.dtype))
+        if not keep:
+            return functools.partial(moss_decode, backend=self.backend), packed, r_text, k
+        bound = router.bound[id(self)] = (
+            mk_decode.decode_step(self.backend, x.device, x.dtype), packed, r_text, k)
+        return bound
 
     def _pack(self, dtype: torch.dtype, images: bool) -> tuple:
         """``(weight, bias, a_all, b_cat)`` in ``dtype``, as the decode op reads them

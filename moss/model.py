@@ -71,6 +71,7 @@ class MossModel(nn.Module):
         self.moss_config = dataclasses.replace(cfg, target_modules=list(names))
         self.router = Router()
         self._decode_by = "ids"  # how the last prefill was routed: "ids" or an explicit "route"
+        self._vocab = vocab  # the input embedding's rows, read again by every call but decode's
         self.image_token_ids, self.image_grid = ids, grid
         self.row_end_ids = spec.row_end_ids(model) if ids is not None else None
         self._unroutable = spec.unroutable_ids(model)
@@ -139,16 +140,21 @@ class MossModel(nn.Module):
 
     def _route_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        decoding = _past_length(cache) > 0
         if input_ids is not None:
-            _check_input_ids(input_ids, _vocabulary_size(self.model), reads_values(input_ids))
+            # A decode step checks its ids against the vocabulary of its prefill (reading the
+            # embedding's size through transformers cost ~30 us a step; #16).
+            if not decoding:
+                self._vocab = _vocabulary_size(self.model)
+            _check_input_ids(input_ids, self._vocab, reads_values(input_ids))
         if self.router.active:  # the layout came from MossModel.forward
             return self._pass_routing(args, kwargs) if self.router.current else None
         if input_ids is None:
             raise ValueError("input_ids or route: give the token ids, or the explicit layout "
                              "(route and images) when feeding inputs_embeds")
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        if _past_length(cache):  # checked here, so that every door to generate (PEFT's too) is
+        if decoding:  # checked here, so that every door to generate (PEFT's too) is
             self._check_decode("ids")  # covered
             self.router.begin_decode(input_ids, mask, reads_values(input_ids))
             return
@@ -377,8 +383,9 @@ def _check_input_ids(ids, vocab: int | None, values: bool) -> None:
     if ids.numel() == 0:
         raise ValueError(f"input_ids: expected at least one token, got shape {tuple(ids.shape)}")
     if vocab is not None and values:
-        bad = (ids < 0) | (ids >= vocab)
-        if bool(bad.any()):
+        low, high = torch.aminmax(ids)  # one op: this runs on every decode step
+        if int(low) < 0 or int(high) >= vocab:
+            bad = (ids < 0) | (ids >= vocab)
             at = bad.nonzero()[0].tolist()
             raise ValueError(f"input_ids{at} = {ids[tuple(at)].item()}: outside the model's "
                              f"vocabulary of {vocab} ids")

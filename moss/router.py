@@ -29,12 +29,11 @@ a stale routing can never be used: a layer that cannot find its routing says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 
 import moss_kernels as mk
-import moss_kernels.decode as mk_decode
 
 #: The keyword argument that carries a call's Routing down to the decoder layers.
 KWARG = "moss_routing"
@@ -43,20 +42,21 @@ KWARG = "moss_routing"
 PREFILL_UNDO = 64
 
 
-@dataclass
 class DecodeStep:
     """A decode call's T new tokens per sequence (T > 1: an assistant's candidates being
-    verified), token-major so that each token's row of kinds and positions is contiguous."""
+    verified): ``tokens``, per token its ``(kind, pos, width)`` ``[B]`` rows, sliced once per
+    call rather than by every layer (a decode step of a small model is short enough that
+    per-layer indexing shows; #16). ``kind`` int8: text 0, image 1, padding -1; ``pos`` int64:
+    an image token's position in its image; ``width`` int64: its image's width."""
 
-    kind: torch.Tensor  # [T, B] int8: each new token is text (0), image (1) or padding (-1)
-    pos: torch.Tensor  # [T, B] int64: its position in its image (valid for image tokens)
-    grid: tuple[int, int]
-    width: torch.Tensor  # [T, B] int64: the width of its image (the decode op's, per row)
+    def __init__(self, tokens: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self.tokens = tokens
 
-    def __post_init__(self):
-        # Each token's (kind, pos, width) rows, sliced once per call rather than by every layer
-        # (a decode step of a small model is short enough that per-layer indexing shows; #16).
-        self.tokens = list(zip(self.kind, self.pos, self.width))
+    @functools.cached_property
+    def text_tokens(self) -> list:
+        """:attr:`tokens` with image tokens as text (layers without an image adapter: the
+        ``shared`` variant's), made once per call on first use."""
+        return [(kind.clamp(max=0), pos, width) for kind, pos, width in self.tokens]
 
 
 class Routing:
@@ -82,10 +82,12 @@ class Router:
         self.run: torch.Tensor | None = None
         self.row_ends: torch.Tensor | None = None  # lookup table of row-end ids, or None
         self.grid: tuple[int, int] | None = None
+        self.width: torch.Tensor | None = None  # [B] the grid's width, for decode steps
         self.rings: dict[int, torch.Tensor] = {}  # layer id -> [B, L, K*K*R_i]
-        self.packed: dict[int, tuple] = {}  # layer id -> its weights, packed for decoding
-        self.steps: dict[tuple, object] = {}  # (backend, device, dtype) -> bound decode step
-        self.image_table: torch.Tensor | None = None  # [max image id + 1] bool
+        # layer id -> (decode step, packed weights, R_T, K), bound once per generation
+        # (MossLinear._bind)
+        self.bound: dict[int, tuple] = {}
+        self.image_table: torch.Tensor | None = None  # [max image id + 2] bool
         # The last decode call: run lengths before / after each token, and per layer the ring
         # slots its tokens overwrote, [(slot [B], old [B, C])] (Router._undo).
         # None after a prefill, whose layers keep instead the tap products of its last tokens
@@ -126,7 +128,7 @@ class Router:
             self.run = run_at[:, -1]
             keep = min(PREFILL_UNDO, is_img.shape[1] - 1)
             self.history = [run_at[:, -1 - i] for i in range(keep, -1, -1)]
-            self.grid, self.rings, self.packed, self.steps = grid, {}, {}, {}
+            self.grid, self.width, self.rings, self.bound = grid, None, {}, {}
             self.undo, self.seeds = None, {}
         return self.current
 
@@ -154,7 +156,7 @@ class Router:
         self.run = self.history[-1]
         # The ring's design width, one over the widest image: its S slots then span the K-1
         # rows before a token together with their row ends.
-        self.grid, self.rings, self.packed, self.steps = (1, max_width + 1), {}, {}, {}
+        self.grid, self.rings, self.bound = (1, max_width + 1), {}, {}
         self.undo, self.seeds = None, {}
 
     def begin_decode(self, input_ids, mask, validate=False):
@@ -170,7 +172,7 @@ class Router:
         is_img = _is_image(input_ids, self.image_table, mask)  # [B, T]
         t = input_ids.shape[1]
         h, w = self.grid if self.grid else (1, 1)
-        pad = (mask[:, -t:] == 0) if mask is not None else torch.zeros_like(is_img)
+        # Few tensor ops: they run once per decode step, ~10 us each inside a model (#16).
         runs, pos, widths = [self.run], [], []
         if self.row_ends is not None:
             is_end = _is_image(input_ids, self.row_ends, mask)
@@ -186,24 +188,19 @@ class Router:
                 pos.append((row * widths[-1] + col - 1).clamp(min=0))
         else:
             for j in range(t):
-                runs.append(torch.where(is_img[:, j], runs[-1] + 1, torch.zeros_like(self.run)))
-                pos.append((runs[-1] - 1).clamp(min=0) % (h * w))
-                widths.append(torch.full_like(self.run, w))
+                runs.append((runs[-1] + 1) * is_img[:, j])  # the run goes on, or is cut
+                pos.append((runs[-1] - 1) % (h * w))  # (text tokens: any slot, unread)
+            if self.width is None or self.width.shape != self.run.shape:
+                self.width = torch.full_like(self.run, w)  # made once per generation
+            widths = [self.width] * t
         # Only a call of several tokens (drafts being verified) can be cropped back: a single
         # token's call keeps no undo log (it would cost a copy per layer and token).
         self.run, self.undo, self.seeds = runs[-1], {}, {}
         self.history = runs if t > 1 else runs[-1:]
-        kind = torch.where(is_img, 1, torch.where(pad, -1, 0)).to(torch.int8)
-        self.step = DecodeStep(kind.t().contiguous(), torch.stack(pos), (h, w),
-                               torch.stack(widths))
-
-    def decode_step(self, backend: str | None, x: torch.Tensor):
-        """moss_kernels.decode.decode_step for ``x``, bound once per generation."""
-        key = (backend, x.device, x.dtype)
-        step = self.steps.get(key)
-        if step is None:
-            step = self.steps[key] = mk_decode.decode_step(backend, x.device, x.dtype)
-        return step
+        kind = is_img.to(torch.int8)  # image 1, text 0; padding (never an image) -1
+        if mask is not None:
+            kind.masked_fill_(mask[:, -t:] == 0, -1)
+        self.step = DecodeStep(list(zip(kind.t().contiguous().unbind(0), pos, widths)))
 
     def end(self):
         self.mode, self.current, self.step, self.fill = None, None, None, False
@@ -399,13 +396,13 @@ def _row_states(is_img: torch.Tensor, is_end: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _image_table(image_ids, device) -> torch.Tensor | None:
-    """A lookup table ``[max id + 1]`` bool of the image token ids: made once per generation, so
+    """A lookup table ``[max id + 2]`` bool of the image token ids: made once per generation, so
     that a decode step tests its ids with one gather (``isin`` on a Python list each step cost
-    more than the step's adapters)."""
+    more than the step's adapters). Its last entry, False, is where larger ids are clamped to."""
     if image_ids is None:
         return None
     ids = torch.as_tensor(image_ids, device=device).long()
-    table = torch.zeros(int(ids.max()) + 1 if ids.numel() else 1, dtype=torch.bool,
+    table = torch.zeros(int(ids.max()) + 2 if ids.numel() else 1, dtype=torch.bool,
                         device=device)
     table[ids] = True
     return table
@@ -414,7 +411,7 @@ def _image_table(image_ids, device) -> torch.Tensor | None:
 def _is_image(ids, table, mask) -> torch.Tensor:
     if table is None:
         return torch.zeros_like(ids, dtype=torch.bool)
-    is_img = table[ids.clamp(0, table.shape[0] - 1)] & (ids < table.shape[0])
+    is_img = table[ids.clamp(0, table.shape[0] - 1)]
     if mask is not None:
         is_img &= mask[:, -ids.shape[1]:] == 1
     return is_img

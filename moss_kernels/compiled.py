@@ -7,9 +7,10 @@ ATen's (MKL) and the adapter runs in hand-vectorised route-aware kernels
 (csrc/cpu/rank_kernels.h); on CUDA the adapter rides in cuBLAS GEMMs around the routing kernels
 (csrc/cuda/linear_impl.h). The decode step is ``moss::_ext_decode`` on both devices: on CUDA the
 composition of csrc/cuda/decode_impl.h around the decode_taps kernel, on CPU the base GEMV and a
-rank space of its own (csrc/cpu/decode_cpu.cpp). ``cuda-emulated`` runs the CUDA source on CPU
-tensors, through
-``moss::_emulated_linear_fwd`` / ``_bwd`` / ``_decode``, so that CI executes it without a GPU.
+rank space of its own (csrc/cpu/decode_cpu.cpp), called straight (``_C._decode_cpu``: the op's
+dispatch cost as much as the step's adapters; csrc/moss_ops.cpp). ``cuda-emulated`` runs the
+CUDA source on CPU tensors, through ``moss::_emulated_linear_fwd`` / ``_bwd`` / ``_decode``, so
+that CI executes it without a GPU.
 moss_kernels/backends.py loads this module only once the extension has loaded.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _C
 from .backends import Backend, Grads, LinearInputs, Needs
 
 
@@ -43,7 +45,7 @@ def _entry_points(fwd, bwd, masks: bool):
 _EXT = _entry_points(torch.ops.moss._ext_linear_fwd, torch.ops.moss._ext_linear_bwd, True)
 _HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
-CPU = Backend("cpu", *_EXT, torch.ops.moss._ext_decode, devices=("cpu",),
+CPU = Backend("cpu", *_EXT, _C._decode_cpu, devices=("cpu",),
               dtypes=(torch.float32, torch.float64, torch.bfloat16), preference=1,
               fuses_dropout=True)
 CUDA = Backend("cuda", *_EXT, torch.ops.moss._ext_decode, devices=("cuda",),

@@ -27,10 +27,12 @@ op), which hands the step to its backend's ``decode`` (moss_kernels/backends.py)
 * ``reference``: :func:`moss_kernels.reference.decode`, the specification, in PyTorch ops;
 * ``cuda``: ``moss::_ext_decode``, the composition of csrc/cuda/decode_impl.h (three GEMVs
   around the decode_taps kernel);
-* ``cpu``: ``moss::_ext_decode`` too, with a CPU rank space of its own (csrc/cpu/decode_cpu.cpp:
-  only the token's route's rows and columns, per-token index arithmetic, the adapters' reads
-  shared out over the threads). As ~25 PyTorch calls per layer and token the step cost 2.4x
-  PEFT LoRA's decode; as the GPU's composition run on one CPU thread, 1.3x the plain model's (#16);
+* ``cpu``: ``moss::_ext_decode``'s CPU kernel, with a rank space of its own
+  (csrc/cpu/decode_cpu.cpp: only the token's route's rows and columns, per-token index
+  arithmetic, the adapters' reads shared out over the threads), called straight rather than
+  through the dispatcher (``moss_kernels._C._decode_cpu``). As ~25 PyTorch calls per layer and
+  token the step cost 2.4x PEFT LoRA's decode; as the GPU's composition run on one CPU thread,
+  1.3x the plain model's (#16);
 * ``triton``: cuBLAS products around a Triton taps kernel (moss_kernels/triton/decode.py);
 * ``cuda-emulated``: the CUDA composition and kernel on CPU tensors (tests).
 

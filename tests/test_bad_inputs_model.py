@@ -143,6 +143,17 @@ def _cached(**kw):
     return {"use_cache": True, "past_key_values": DynamicCache(), **kw}
 
 
+def _decode_outside_vocabulary():
+    moss, cache = wrap(), _cached()
+    with torch.no_grad():
+        moss(input_ids=torch.tensor([[1, 2]]), **cache)
+        moss(input_ids=torch.tensor([[80]]), **cache)
+
+
+error(FORWARD, "a token id outside the vocabulary in a decode step (a call with a KV cache: "
+      "checked against its prefill's vocabulary)", ValueError,
+      "input_ids[0, 0] = 80: outside the model's vocabulary of 80 ids",
+      _decode_outside_vocabulary)
 error(FORWARD, "an explicit-layout prefill (a KV cache) whose images are not runs of image "
       "tokens on one grid", ValueError,
       "images: decoding an explicit layout needs each image to be a run of image tokens on one "

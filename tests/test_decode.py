@@ -247,8 +247,11 @@ def test_a_decode_step_is_captured_in_a_cuda_graph(backend, gen):
 
 @needs_ext
 def test_kernels_name_bad_arguments(gen):
-    """The C++ op (cpu) raises RuntimeErrors, moss_decode on the Python backends ValueErrors
-    and TypeErrors, each naming the argument."""
+    """The C++ op (cpu) and the CPU step's direct binding (what decode_step calls) raise
+    RuntimeErrors (the message alone, no C++ stack), moss_decode on the Python backends
+    ValueErrors and TypeErrors, each naming the argument."""
+    import moss_kernels._C as C
+
     p = _params(gen, 8, 6, 2, 3, 2, torch.float32)
     x, ring = torch.randn(2, 8), torch.zeros(2, ring_size(2, W), 12)
     kind, pos = torch.tensor([1, 0], dtype=torch.int8), torch.tensor([3, 0])
@@ -274,5 +277,8 @@ def test_kernels_name_bad_arguments(gen):
         call = (args["x"], args["ring"], args["kind"], args["pos"], args["width"])
         with pytest.raises(RuntimeError, match=match):
             _step(torch.ops.moss._ext_decode, p, *call)
+        with pytest.raises(RuntimeError, match=match) as raised:
+            _step(C._decode_cpu, p, *call)
+        assert "Exception raised from" not in str(raised.value)
         with pytest.raises(error, match=match):
             _step(lambda *a: moss_decode(*a, backend="reference"), p, *call)

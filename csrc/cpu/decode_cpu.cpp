@@ -27,6 +27,8 @@
 #include <cstring>
 #include <vector>
 
+#include "decode_cpu.h"
+
 #include "../cuda/decode_impl.h"
 #include "simd.h"
 
@@ -214,12 +216,16 @@ MOSS_CPU_DECODE(double, double)
 MOSS_CPU_DECODE(c10::BFloat16, float)
 #undef MOSS_CPU_DECODE
 
+}  // namespace
+
 at::Tensor decode(const at::Tensor& x_in, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& a_all_in,
                   const at::Tensor& b_cat, at::Tensor& ring, const at::Tensor& kind,
                   const at::Tensor& pos, const at::Tensor& width, int64_t r_t, int64_t k) {
   composition::check_decode_args(x_in, weight, bias, a_all_in, b_cat, ring, kind, pos, width,
                                  r_t, k);
+  TORCH_CHECK(x_in.is_cpu(), "x: the cpu backend's decode step runs CPU tensors, got ",
+              x_in.device());
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
               "x: the cpu backend's decode step runs float32, float64 and bfloat16, got ", dtype);
@@ -259,7 +265,6 @@ at::Tensor decode(const at::Tensor& x_in, const at::Tensor& weight,
   return y;
 }
 
-}  // namespace
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(moss, CPU, m) { m.impl("_ext_decode", &cpu::decode); }
