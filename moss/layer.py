@@ -85,15 +85,18 @@ class MossLinear(nn.Module):
         ring = router.rings[id(self)]
         step = router.step
         tokens = step.tokens if self.variant.has_image_adapter else step.text_tokens
-        log = x.shape[1] > 1 and ring.shape[1] > 0  # what each token overwrites, for a crop
+        # One token per sequence: x [B, 1, D_in] as it comes (the op takes it, and returns y
+        # [B, 1, D_out]); an assistant's T drafts one after the other, each logging the ring
+        # slots it overwrites, in case a crop undoes it.
+        xs, log = ((x,), False) if x.shape[1] == 1 else (x.unbind(1), ring.shape[1] > 0)
         ys = []
-        for j, (kind, pos, width) in enumerate(tokens):  # T > 1: an assistant's drafts
+        for xj, (kind, pos, width) in zip(xs, tokens):
             if log:
                 batch = torch.arange(ring.shape[0], device=ring.device)
                 slot = pos % ring.shape[1]
                 router.undo.setdefault(id(self), []).append((slot, ring[batch, slot].clone()))
-            ys.append(run(x[:, j], *packed, ring, kind, pos, width, r_text, k))
-        return ys[0].unsqueeze(1) if len(ys) == 1 else torch.stack(ys, 1)
+            ys.append(run(xj, *packed, ring, kind, pos, width, r_text, k))
+        return ys[0] if len(ys) == 1 else torch.stack(ys, 1)
 
     def _bind(self, x: torch.Tensor, keep: bool) -> tuple:
         """``(step, packed weights, R_T, K)`` for decoding ``x`` (kept in the Router for the

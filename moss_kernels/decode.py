@@ -74,10 +74,13 @@ def pack(text_A: Tensor, text_B: Tensor, image_A: Tensor, image_B: Tensor, text_
 def moss_decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat: Tensor,
                 ring: Tensor, kind: Tensor, pos: Tensor, width: Tensor | int, r_text: int,
                 kernel_size: int, backend: str | None = None) -> Tensor:
-    """One decode step (the module docstring): ``y [B, D_out]``; ``ring`` is updated in place.
+    """One decode step (the module docstring): ``y [B, D_out]`` (``[B, 1, D_out]`` for ``x
+    [B, 1, D_in]``); ``ring`` is updated in place.
 
     Args:
-        x: ``[B, D_in]``, one new token per sequence.
+        x: ``[B, D_in]``, one new token per sequence, or ``[B, 1, D_in]`` (a layer's input as it
+            comes: every backend takes its rows without a view in Python, ~10 us a layer
+            inside a model on the dev CPU; #16).
         weight, bias: the frozen layer, in x's dtype.
         a_all, b_cat: the adapters, :func:`pack`'s (R_t and R_i may be 0), in x's dtype.
         ring: ``[B, S, K*K*R_i]``, contiguous, in :func:`ring_dtype` of x's; S may be 0 (no
@@ -137,7 +140,7 @@ def decode_op(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_c
 @decode_op.register_fake
 def _decode_fake(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size,
                  backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size):
@@ -147,8 +150,9 @@ def check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, ke
         if not ok:
             raise error(message)
 
-    need(x.dim() == 2, ValueError, f"x: expected [B, D_in], got {tuple(x.shape)}")
-    (b, d_in), k, r_t = x.shape, kernel_size, r_text
+    need(x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1), ValueError,
+         f"x: expected [B, D_in] or [B, 1, D_in], got {tuple(x.shape)}")
+    (b, d_in), k, r_t = (x.shape[0], x.shape[-1]), kernel_size, r_text
     need(weight.dim() == 2 and weight.shape[1] == d_in, ValueError,
          f"weight: expected [D_out, {d_in}], got {tuple(weight.shape)}")
     d_out = weight.shape[0]

@@ -130,6 +130,9 @@ def decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat:
     """One decode step (moss_kernels/decode.py) in PyTorch ops, differentiable, on any device
     and dtype: the specification. Sums in the accumulation dtype, rounded once to x's dtype; the
     ring in :func:`ring_dtype`. Shapes and control flow never depend on the data."""
+    if x.dim() == 3:  # [B, 1, D_in]: its rows, and y [B, 1, D_out]
+        return decode(x[:, 0], weight, bias, a_all, b_cat, ring, kind, pos, width, r_text,
+                      kernel_size).unsqueeze(1)
     k, r_t, acc = kernel_size, r_text, accumulation_dtype(x.dtype)
     r = b_cat.shape[1] - r_t
     xa = x.to(acc)

@@ -158,6 +158,24 @@ def test_a_row_major_b_cat_gives_the_same_step(backend, gen):
     torch.testing.assert_close(got[0], got[1])
 
 
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_a_layer_input_of_one_token_per_sequence_is_taken_as_it_comes(backend, gen):
+    """x [B, 1, D_in] (a layer's input in plain decoding) gives y [B, 1, D_out], the step of
+    its rows [B, D_in], and the same ring."""
+    p = {n: v.float().to(DEVICE) for n, v in _params(gen, 40, 70, 3, 4, 2).items()}
+    x = torch.randn(3, 40, generator=gen).to(DEVICE)
+    kind = torch.tensor([1, 0, 1], dtype=torch.int8, device=DEVICE)
+    pos = torch.tensor([7, 0, 12], device=DEVICE)
+    ring = torch.randn(3, ring_size(2, W), 16, generator=gen).to(DEVICE)
+    rings = [ring.clone(), ring.clone()]
+    step = lambda *a: moss_decode(*a, backend=backend)  # noqa: E731
+    rows = _step(step, p, x, rings[0], kind, pos)
+    given = _step(step, p, x[:, None], rings[1], kind, pos)
+    assert given.shape == (3, 1, 70)
+    torch.testing.assert_close(given[:, 0], rows)
+    torch.testing.assert_close(rings[1], rings[0])
+
+
 def test_with_gradients_on_the_step_is_differentiable(gen):
     """The CPU kernel has no autograd: with gradients on, moss_decode runs the reference."""
     p = _params(gen, 8, 6, 2, 3, 2)
@@ -204,8 +222,9 @@ def test_opcheck(backend, gen):
     kind = torch.tensor([1, 0], dtype=torch.int8, device=DEVICE)
     pos = torch.tensor([6, 0], device=DEVICE)
     x = torch.randn(2, 8, generator=gen).to(DEVICE)
-    torch.library.opcheck(decode_op, (x, p["weight"], p["bias"], *packed, ring, kind, pos,
-                                      torch.full_like(pos, W), 2, 2, backend))
+    for given in (x, x[:, None]):  # [B, D_in], and a layer's [B, 1, D_in]
+        torch.library.opcheck(decode_op, (given, p["weight"], p["bias"], *packed, ring, kind,
+                                          pos, torch.full_like(pos, W), 2, 2, backend))
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")

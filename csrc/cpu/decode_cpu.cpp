@@ -218,12 +218,13 @@ MOSS_CPU_DECODE(c10::BFloat16, float)
 
 }  // namespace
 
-at::Tensor decode(const at::Tensor& x_in, const at::Tensor& weight,
+at::Tensor decode(const at::Tensor& x_given, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& a_all_in,
                   const at::Tensor& b_cat, at::Tensor& ring, const at::Tensor& kind,
                   const at::Tensor& pos, const at::Tensor& width, int64_t r_t, int64_t k) {
-  composition::check_decode_args(x_in, weight, bias, a_all_in, b_cat, ring, kind, pos, width,
+  composition::check_decode_args(x_given, weight, bias, a_all_in, b_cat, ring, kind, pos, width,
                                  r_t, k);
+  const at::Tensor x_in = composition::as_rows(x_given);
   TORCH_CHECK(x_in.is_cpu(), "x: the cpu backend's decode step runs CPU tensors, got ",
               x_in.device());
   const auto dtype = x_in.scalar_type();
@@ -231,7 +232,7 @@ at::Tensor decode(const at::Tensor& x_in, const at::Tensor& weight,
               "x: the cpu backend's decode step runs float32, float64 and bfloat16, got ", dtype);
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x_in, weight.t()) : at::mm(x_in, weight.t());
   const int64_t b = x_in.size(0), r = b_cat.size(1);
-  if (b == 0 || r == 0) return y;
+  if (b == 0 || r == 0) return composition::like_input(x_given, y);
   // Contiguous operands: no copy for what moss_kernels.decode.pack and the layers hand over.
   const at::Tensor x = x_in.contiguous(), a_all = a_all_in.contiguous(),
                    b_t = b_cat.t().contiguous();
@@ -262,7 +263,7 @@ at::Tensor decode(const at::Tensor& x_in, const at::Tensor& weight,
     at::parallel_for(0, y.size(1), 256,
                      [&](int64_t o0, int64_t o1) { expand(args, z.data(), o0, o1); });
   });
-  return y;
+  return composition::like_input(x_given, y);
 }
 
 }  // namespace cpu

@@ -32,8 +32,9 @@ inline void check_decode_args(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& b_cat, const at::Tensor& ring,
                               const at::Tensor& kind, const at::Tensor& pos,
                               const at::Tensor& width, int64_t r_t, int64_t k) {
-  TORCH_CHECK(x.dim() == 2, "x: expected [B, D_in], got ", x.sizes());
-  const int64_t b = x.size(0), d_in = x.size(1);
+  TORCH_CHECK(x.dim() == 2 || (x.dim() == 3 && x.size(1) == 1),
+              "x: expected [B, D_in] or [B, 1, D_in], got ", x.sizes());
+  const int64_t b = x.size(0), d_in = x.size(-1);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d_in, "weight: expected [D_out, ", d_in,
               "], got ", weight.sizes());
   const int64_t d_out = weight.size(0);
@@ -83,12 +84,20 @@ inline void check_decode_args(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
+// x [B, 1, D_in] (a layer's one token per sequence, as it comes) is read as its [B, D_in] rows,
+// and y given the same shape: views made here cost a fraction of a Python view's (#16).
+inline at::Tensor as_rows(const at::Tensor& x) { return x.dim() == 3 ? x.select(1, 0) : x; }
+inline at::Tensor like_input(const at::Tensor& x, const at::Tensor& y) {
+  return x.dim() == 3 ? y.unsqueeze(1) : y;
+}
+
 template <typename Dev>
-at::Tensor decode(const Dev& dev, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor decode(const Dev& dev, const at::Tensor& x_in, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& a_all,
                   const at::Tensor& b_cat, at::Tensor& ring, const at::Tensor& kind,
                   const at::Tensor& pos, const at::Tensor& width, int64_t r_t, int64_t k) {
-  check_decode_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_t, k);
+  check_decode_args(x_in, weight, bias, a_all, b_cat, ring, kind, pos, width, r_t, k);
+  const at::Tensor x = as_rows(x_in);
   [[maybe_unused]] const auto guard = dev.guard(x);
   const bool wide = x.scalar_type() == at::kHalf;
   const int64_t b = x.size(0), r = b_cat.size(1);
@@ -109,7 +118,7 @@ at::Tensor decode(const Dev& dev, const at::Tensor& x, const at::Tensor& weight,
       y.addmm_(z.to(x.scalar_type()), b_cat.t());
     }
   }
-  return wide ? y.to(x.scalar_type()) : y;
+  return like_input(x_in, wide ? y.to(x.scalar_type()) : y);
 }
 
 // The op's kernel for a device, as TORCH_LIBRARY_IMPL registers it.

@@ -83,6 +83,9 @@ def decode(x: Tensor, weight: Tensor, bias: Tensor | None, a_all: Tensor, b_cat:
     from ..decode import check_args  # (decode.py imports the backends, which import this)
 
     check_args(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
+    if x.dim() == 3:  # [B, 1, D_in]: its rows, and y [B, 1, D_out]
+        return decode(x[:, 0], weight, bias, a_all, b_cat, ring, kind, pos, width, r_text,
+                      kernel_size).unsqueeze(1)
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     # fp16: fp32 products and y until the last rounding (csrc/cuda/decode_impl.h: Numerics).
     mm = _mm_fp32 if x.dtype == torch.float16 else torch.mm
