@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessorList
 
-from . import backbones
+from . import backbones, checkpoint
 from .constrain import ImageSpans
 from .errors import input_errors
 from .guidance import ImageGuidance
@@ -28,7 +28,9 @@ from .render import images_of, render
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", type=Path, required=True, help="a checkpoint folder of moss train")
+    p.add_argument("--adapter", type=Path, required=True,
+                   help="a checkpoint folder of moss train, or its --out folder (the latest "
+                        "checkpoint in it)")
     p.add_argument("--model", default=None,
                    help="the base it was trained on (default: built-in tiny)")
     p.add_argument("--prompt", default="Draw a red square.")
@@ -72,6 +74,14 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
+def _adapter_folder(path: Path) -> Path:
+    """``--adapter``: an adapter folder, or the ``--out`` folder of ``moss train``, whose
+    ``latest`` names its newest whole checkpoint (moss/checkpoint.py)."""
+    if (path / checkpoint.CONFIG_NAME).exists() or (path / checkpoint.PEFT_CONFIG_NAME).exists():
+        return path
+    return checkpoint.latest_checkpoint(path) or path  # (none: from_pretrained says what lacks)
+
+
 def generate(args: argparse.Namespace) -> str:
     """What ``moss generate`` prints: each prompt's continuation, rendered (moss/render.py), and
     where its images were written."""
@@ -86,7 +96,8 @@ def generate(args: argparse.Namespace) -> str:
         if grid is not None and not vocab.sized and grid != tuple(vocab.grid):
             raise SystemExit(f"moss generate: --image-size: this backbone's images are all "
                              f"{vocab.grid[0]}x{vocab.grid[1]}, got {grid[0]}x{grid[1]}")
-        moss = MossModel.from_pretrained(model, args.adapter, image_logits=True).eval()
+        moss = MossModel.from_pretrained(model, _adapter_folder(args.adapter),
+                                         image_logits=True).eval()
     bos = [vocab.bos] if vocab.bos is not None else []
     opening = vocab.opening(grid) if args.image else []
     ids = [bos + list(vocab.encode_text(p)) + opening for p in prompts]

@@ -4,6 +4,7 @@ Chameleon."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 from transformers import LogitsProcessorList
@@ -106,6 +107,23 @@ def test_guidance_mixes_logits_inside_images_and_keeps_each_pair_together():
     chosen = [int(row.argmax()) for row in out]
     assert chosen == want + want
     assert (out == 0).sum(1).tolist() == [1, 1, 1, 1]
+
+
+def test_moss_generate_takes_the_latest_checkpoint_of_a_training_run(tmp_path, capsys):
+    """--adapter given moss train's --out folder: the checkpoint its ``latest`` names."""
+    from moss import checkpoint
+
+    out, pngs = tmp_path / "run", tmp_path / "pngs"
+    moss = get_moss_model(tiny.build(), MossConfig(r_text=4, r_image=4))
+    for step in (2, 4):
+        checkpoint.save_run_checkpoint(out, step, moss.save_pretrained, {"step": step})
+    assert checkpoint.latest_checkpoint(out).name.endswith("4")
+    assert main(["generate", "--adapter", str(out), "--prompt", "A red square.", "--image",
+                 "--max-new-tokens", str(H * W + 1), "--out", str(pngs)]) == 0
+    assert (pngs / "prompt1_image1.png").is_file()
+    (out / "latest").unlink()  # no checkpoint named: the adapter folder's own error
+    with pytest.raises(SystemExit, match="moss_config.json does not exist"):
+        main(["generate", "--adapter", str(out)])
 
 
 def test_moss_generate_with_guidance_writes_the_conditional_rows(tmp_path, capsys):
