@@ -109,8 +109,10 @@ TORCH_LIBRARY_FRAGMENT(moss, m) {
 // layer, and a call through torch.ops (arguments boxed against the schema, then the Autograd
 // and ADInplaceOrView fallbacks for an op that mutates `ring`) cost 10-20 us more than F.linear
 // in the model (#16, bench/results/README.md). moss_kernels.decode.decode_step, which serves
-// only inputs that need no gradient, calls this; torch.compile and the tests still go through
-// moss::_ext_decode, the same kernel. Errors keep the types torch gives them.
+// only inputs that need no gradient, calls this (refusing any that would need one: the kernel
+// has no autograd, and past the dispatcher nothing would warn); torch.compile and the tests
+// still go through moss::_ext_decode, the same kernel. ValueError and TypeError keep their
+// types, other errors are RuntimeErrors; the C++ stack is left out.
 PYBIND11_MODULE(_C, m) {
   m.def(
       "_decode_cpu",
@@ -119,6 +121,11 @@ PYBIND11_MODULE(_C, m) {
          const at::Tensor& kind, const at::Tensor& pos, const at::Tensor& width, int64_t r_t,
          int64_t k) {
         try {
+          TORCH_CHECK(!at::GradMode::is_enabled() ||
+                          !(x.requires_grad() || weight.requires_grad() || a_all.requires_grad() ||
+                            b_cat.requires_grad() || (bias && bias->requires_grad())),
+                      "moss_kernels._C._decode_cpu has no autograd: with gradients, call "
+                      "moss_kernels.decode.moss_decode (it runs the differentiable reference)");
           pybind11::gil_scoped_release released;
           return moss::cpu::decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_t,
                                    k);

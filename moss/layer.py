@@ -90,7 +90,7 @@ class MossLinear(nn.Module):
         # slots it overwrites, in case a crop undoes it.
         xs, log = ((x,), False) if x.shape[1] == 1 else (x.unbind(1), ring.shape[1] > 0)
         ys = []
-        for xj, (kind, pos, width) in zip(xs, tokens):
+        for xj, (kind, pos, width) in zip(xs, tokens, strict=True):
             if log:
                 batch = torch.arange(ring.shape[0], device=ring.device)
                 slot = pos % ring.shape[1]

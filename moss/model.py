@@ -142,11 +142,9 @@ class MossModel(nn.Module):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         decoding = _past_length(cache) > 0
+        if not decoding:  # a decode step checks its ids against the vocabulary of its prefill
+            self._vocab = _vocabulary_size(self.model)  # (read through transformers: ~30 us)
         if input_ids is not None:
-            # A decode step checks its ids against the vocabulary of its prefill (reading the
-            # embedding's size through transformers cost ~30 us a step; #16).
-            if not decoding:
-                self._vocab = _vocabulary_size(self.model)
             _check_input_ids(input_ids, self._vocab, reads_values(input_ids))
         if self.router.active:  # the layout came from MossModel.forward
             return self._pass_routing(args, kwargs) if self.router.current else None
@@ -380,6 +378,8 @@ def _check_input_ids(ids, vocab: int | None, values: bool) -> None:
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"input_ids: expected an integer tensor, got {ids.dtype}")
+    if ids.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few kernels take them
+        raise TypeError(f"input_ids: {ids.dtype} is not supported, give int64 (or int32) ids")
     if ids.numel() == 0:
         raise ValueError(f"input_ids: expected at least one token, got shape {tuple(ids.shape)}")
     if vocab is not None and values:

@@ -10,8 +10,9 @@ as one :class:`LinearInputs` (the custom ops' flat schemas stop at moss_kernels/
                                           image_B); a gradient ``needs`` does not ask for is an
                                           empty tensor
     decode(x, weight, bias, a_all, b_cat, ring, kind, pos, width, r_text, kernel_size)
-                                      -> y [B, D_out]; one incremental decode step, the ring
-                                         updated in place (moss_kernels/decode.py)
+                                      -> y [B, D_out] (x [B, D_in]) or [B, 1, D_out] (x [B, 1,
+                                         D_in]); one incremental decode step, the ring updated
+                                         in place, no autograd (moss_kernels/decode.py)
 
 The adapters read :attr:`LinearInputs.adapter_input`: ``x_adapter`` when given, ``x`` through
 LoRA dropout's ``dropout_mask`` when that is given, else ``x``. The base GEMM always reads ``x``,

@@ -124,6 +124,9 @@ errors(FORWARD, "`input_ids` float or bool", TypeError,
        "input_ids: expected an integer tensor, got {dtype}",
        [(dict(dtype=dt), lambda dt=dt: wrap()(input_ids=torch.tensor([[1, 2]], dtype=dt)))
         for dt in (torch.float32, torch.bool)])
+error(FORWARD, "`input_ids` of an unsigned 16-64 bit type", TypeError,
+      "input_ids: torch.uint32 is not supported, give int64 (or int32) ids",
+      lambda: wrap()(input_ids=torch.tensor([[1, 2]], dtype=torch.uint32)))
 error(FORWARD, "`input_ids` empty", ValueError,
       "input_ids: expected at least one token, got shape (1, 0)",
       lambda: wrap()(input_ids=torch.zeros(1, 0, dtype=torch.long)))

@@ -187,6 +187,23 @@ def test_with_gradients_on_the_step_is_differentiable(gen):
     assert a.grad is not None and a.grad.abs().sum() > 0
 
 
+@needs_ext
+def test_the_direct_cpu_binding_refuses_inputs_that_need_gradients(gen):
+    """moss_kernels._C._decode_cpu (past the dispatcher, no autograd) refuses what would need a
+    gradient instead of returning a y whose graph misses the adapters; without gradients on
+    (generate) it runs."""
+    import moss_kernels._C as C
+
+    p = {n: v.float() for n, v in _params(gen, 8, 6, 2, 3, 2).items()}
+    p["image_A"].requires_grad_()
+    ring = torch.zeros(2, ring_size(2, W), 12)
+    args = (torch.randn(2, 8), ring, torch.tensor([1, 1], dtype=torch.int8), torch.tensor([7, 3]))
+    with pytest.raises(RuntimeError, match="has no autograd: with gradients, call .*moss_decode"):
+        _step(C._decode_cpu, p, *args)
+    with torch.no_grad():
+        assert _step(C._decode_cpu, p, *args).shape == (2, 6)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_decode_compiles_once_for_every_step(backend, gen):
     """fullgraph through the op moss::decode, and the second step (other positions, other
