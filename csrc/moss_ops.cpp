@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cpu/decode_cpu.h"
+#include "cpu/simd.h"
 #include "emulated/emulated.h"
 
 #ifndef MOSS_TORCH_VERSION
@@ -138,4 +139,18 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       "moss::_ext_decode on CPU tensors, without the dispatcher (inputs needing no gradient)");
+  m.def(
+      "_set_vector_bytes",
+      [](int64_t bytes) {
+        if (bytes != 0 && bytes != 32 && bytes != 64) {
+          throw pybind11::value_error("bytes: expected 32 or 64 (0: the CPU's own), got " +
+                                      std::to_string(bytes));
+        }
+        const int previous = moss::simd::vector_bytes_setting();
+        moss::simd::vector_bytes_setting() =
+            bytes == 0 ? moss::simd::detected_vector_bytes() : static_cast<int>(bytes);
+        return previous;
+      },
+      "The CPU kernels' vector width in bytes (csrc/cpu/simd.h), set for the tests; returns the "
+      "previous one");
 }

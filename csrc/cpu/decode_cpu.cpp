@@ -59,74 +59,84 @@ struct DecodeArgs {
 // memory) down to 16 bytes, then those lanes. A left-to-right sum is a chain of 15 dependent
 // additions, and summing through a stack array stalls on store forwarding: either cost more
 // than the products at 64 sums per token.
-template <typename A>
-MOSS_INLINE A lane_sum(const Vec<A>& v) {
-  typedef A V32 __attribute__((vector_size(32)));
-  typedef A V16 __attribute__((vector_size(16)));
-  V32 lo32, hi32;
-  std::memcpy(&lo32, &v, 32);
-  std::memcpy(&hi32, reinterpret_cast<const char*>(&v) + 32, 32);
-  const V32 s32 = lo32 + hi32;
-  V16 lo16, hi16;
-  std::memcpy(&lo16, &s32, 16);
-  std::memcpy(&hi16, reinterpret_cast<const char*>(&s32) + 16, 16);
-  const V16 s16 = lo16 + hi16;
-  A sum = s16[0];
+template <typename A, int V>
+MOSS_INLINE A lane_sum(const Vec<A, V>& v) {
+  if constexpr (V > 16) {
+    Vec<A, V / 2> lo, hi;
+    std::memcpy(&lo, &v, V / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + V / 2, V / 2);
+    return lane_sum<A, V / 2>(lo + hi);
+  } else {
+    A sum = v[0];
 #pragma GCC unroll 4
-  for (int i = 1; i < int(16 / sizeof(A)); ++i) sum += s16[i];
-  return sum;
+    for (int i = 1; i < int(V / sizeof(A)); ++i) sum += v[i];
+    return sum;
+  }
 }
 
 // p[c] = <x, w[c]> for c < n (w's rows d long): four rows at a time, each x vector loaded once
 // for the four; whole vectors first, then the partial last one (a run-time length in every
-// load would keep the compiler from plain vector moves).
-template <typename S, typename A>
+// load would keep the compiler from plain vector moves). The sums are split over the lanes of
+// 64 bytes whatever V is (V = 32: two vectors make one of 64, added before the tree of
+// lane_sum<64> goes on), so that they come out the same at both widths.
+template <typename S, typename A, int V>
 MOSS_INLINE void dots(const S* x, const S* w, int64_t d, int64_t n, A* p) {
-  constexpr int64_t L = kLanes<A>;
-  const int64_t full = d / L * L, tail = d - full;
+  constexpr int64_t L = kLanes<A, V>, P = simd::kMaxBytes / V, LL = P * L;
+  const int64_t full = d / LL * LL, tail = d - full;
   for (int64_t c = 0; c < n; c += 4) {
     const int q_end = static_cast<int>(std::min<int64_t>(4, n - c));
     const S* wr[4];
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) wr[q] = w + (c + std::min(q, q_end - 1)) * d;
-    Vec<A> acc[4] = {};
-    for (int64_t i = 0; i < full; i += L) {
-      const Vec<A> xv = simd::load<A>(x + i);
+    Vec<A, V> acc[4][P] = {};
+    for (int64_t i = 0; i < full; i += LL) {
+#pragma GCC unroll 2
+      for (int64_t h = 0; h < P; ++h) {
+        const Vec<A, V> xv = simd::load<A, V>(x + i + h * L);
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) acc[q] += xv * simd::load<A>(wr[q] + i);
+        for (int q = 0; q < 4; ++q) acc[q][h] += xv * simd::load<A, V>(wr[q] + i + h * L);
+      }
     }
     if (tail > 0) {
-      const Vec<A> xv = simd::load<A>(x + full, tail);
+#pragma GCC unroll 2
+      for (int64_t h = 0; h < P; ++h) {
+        const int64_t m = std::clamp<int64_t>(tail - h * L, 0, L), at = full + h * L;
+        const Vec<A, V> xv = simd::load<A, V>(x + at, m);
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) acc[q] += xv * simd::load<A>(wr[q] + full, tail);
+        for (int q = 0; q < 4; ++q) acc[q][h] += xv * simd::load<A, V>(wr[q] + at, m);
+      }
     }
-    for (int q = 0; q < q_end; ++q) p[c + q] = lane_sum<A>(acc[q]);
+    for (int q = 0; q < q_end; ++q) {
+      Vec<A, V> sum = acc[q][0];
+      for (int64_t h = 1; h < P; ++h) sum += acc[q][h];
+      p[c + q] = lane_sum<A, V>(sum);
+    }
   }
 }
 
 // y[o] += sum_j z[j] w[j][o] for j < n and o < d (w's rows ld apart): four vectors of y at a
 // time, then the rest one vector at a time.
-template <typename S, typename A>
+template <typename S, typename A, int V>
 MOSS_INLINE void axpys(const A* z, const S* w, int64_t ld, int64_t n, S* y, int64_t d) {
-  constexpr int64_t L = kLanes<A>;
+  constexpr int64_t L = kLanes<A, V>;
   int64_t o = 0;
   for (; o + 4 * L <= d; o += 4 * L) {
-    Vec<A> acc[4];
+    Vec<A, V> acc[4];
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) acc[v] = simd::load<A>(y + o + v * L);
+    for (int v = 0; v < 4; ++v) acc[v] = simd::load<A, V>(y + o + v * L);
     for (int64_t j = 0; j < n; ++j) {
       const A zj = z[j];
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) acc[v] += zj * simd::load<A>(w + j * ld + o + v * L);
+      for (int v = 0; v < 4; ++v) acc[v] += zj * simd::load<A, V>(w + j * ld + o + v * L);
     }
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) simd::store<A>(y + o + v * L, acc[v]);
+    for (int v = 0; v < 4; ++v) simd::store<A, V>(y + o + v * L, acc[v]);
   }
   for (; o < d; o += L) {
     const int64_t m = std::min(L, d - o);
-    Vec<A> acc = simd::load<A>(y + o, m);
-    for (int64_t j = 0; j < n; ++j) acc += z[j] * simd::load<A>(w + j * ld + o, m);
-    simd::store<A>(y + o, acc, m);
+    Vec<A, V> acc = simd::load<A, V>(y + o, m);
+    for (int64_t j = 0; j < n; ++j) acc += z[j] * simd::load<A, V>(w + j * ld + o, m);
+    simd::store<A, V>(y + o, acc, m);
   }
 }
 
@@ -141,7 +151,7 @@ MOSS_INLINE int route_of(const DecodeArgs<S, A>& a, int64_t t) {
 
 // Step 1, rows [c0, c1) of A_all: p[t, c] = <x_t, A_all[c]> for the rows of t's route. A row
 // is read from memory by the first token that needs it and from cache by the others.
-template <typename S, typename A>
+template <typename S, typename A, int V>
 MOSS_INLINE void project_rows(const DecodeArgs<S, A>& a, A* p, int64_t c0, int64_t c1) {
   const int64_t cols = a.r_t + a.k * a.k * a.r_i;
   for (int64_t t = 0; t < a.b; ++t) {
@@ -149,7 +159,7 @@ MOSS_INLINE void project_rows(const DecodeArgs<S, A>& a, A* p, int64_t c0, int64
     if (r < 0) continue;
     const int64_t lo = std::max(c0, r == 0 ? int64_t(0) : a.r_t);
     const int64_t hi = std::min(c1, r == 0 ? a.r_t : cols);
-    if (lo < hi) dots<S, A>(a.x + t * a.d_in, a.a_all + lo * a.d_in, a.d_in, hi - lo,
+    if (lo < hi) dots<S, A, V>(a.x + t * a.d_in, a.a_all + lo * a.d_in, a.d_in, hi - lo,
                             p + t * cols + lo);
   }
 }
@@ -189,27 +199,27 @@ MOSS_INLINE void window(const DecodeArgs<S, A>& a, const A* p, A* z) {
 }
 
 // Step 3, outputs [o0, o1): y[t, o] += sum over t's route's columns j of z[t, j] Bcat[o, j].
-template <typename S, typename A>
+template <typename S, typename A, int V>
 MOSS_INLINE void expand_cols(const DecodeArgs<S, A>& a, const A* z, int64_t o0, int64_t o1) {
   const int64_t r = a.r_t + a.r_i;
   for (int64_t t = 0; t < a.b; ++t) {
     const int route = route_of(a, t);
     if (route < 0) continue;
     const int64_t off = route == 0 ? 0 : a.r_t, n = route == 0 ? a.r_t : a.r_i;
-    axpys<S, A>(z + t * r + off, a.b_t + off * a.d_out + o0, a.d_out, n,
+    axpys<S, A, V>(z + t * r + off, a.b_t + off * a.d_out + o0, a.d_out, n,
                 a.y + t * a.d_out + o0, o1 - o0);
   }
 }
 
 #define MOSS_CPU_DECODE(S, A)                                                                   \
   MOSS_CPU_CLONES void project(const DecodeArgs<S, A>& a, A* p, int64_t c0, int64_t c1) {       \
-    project_rows<S, A>(a, p, c0, c1);                                                           \
+    MOSS_BY_WIDTH(project_rows, S, A, a, p, c0, c1);                                            \
   }                                                                                             \
   MOSS_CPU_CLONES void taps(const DecodeArgs<S, A>& a, const A* p, A* z) {                      \
     window<S, A>(a, p, z);                                                                      \
   }                                                                                             \
   MOSS_CPU_CLONES void expand(const DecodeArgs<S, A>& a, const A* z, int64_t o0, int64_t o1) {  \
-    expand_cols<S, A>(a, z, o0, o1);                                                            \
+    MOSS_BY_WIDTH(expand_cols, S, A, a, z, o0, o1);                                             \
   }
 MOSS_CPU_DECODE(float, float)
 MOSS_CPU_DECODE(double, double)

@@ -77,17 +77,17 @@ MOSS_INLINE void route_backward_rows(const A* dz, int64_t ldz, int64_t dz_img,
 
 #define MOSS_CPU_KERNELS(S, A)                                                                  \
   MOSS_CPU_CLONES void project(const ProjectArgs<S, A>& a, int64_t b, int64_t e) {             \
-    project_rows<S, A>(a, b, e);                                                                \
+    MOSS_BY_WIDTH(project_rows, S, A, a, b, e);                                                 \
   }                                                                                             \
   MOSS_CPU_CLONES void expand(const ExpandArgs<S, A>& a, int64_t b, int64_t e) {               \
-    expand_rows<S, A>(a, b, e);                                                                 \
+    MOSS_BY_WIDTH(expand_rows, S, A, a, b, e);                                                  \
   }                                                                                             \
   MOSS_CPU_CLONES void outer(const OuterArgs<S, A>& a, int r, int64_t o0) {                    \
-    outer_task<S, A>(a, r, o0);                                                                 \
+    MOSS_BY_WIDTH(outer_task, S, A, a, r, o0);                                                  \
   }                                                                                             \
   MOSS_CPU_CLONES void kept(const S* x, int64_t ldx, int64_t d, const int8_t* route,            \
                             const Dropout<A>& drop, S* out, int64_t b, int64_t e) {             \
-    kept_rows<S, A>(x, ldx, d, route, drop, out, b, e);                                         \
+    MOSS_BY_WIDTH(kept_rows, S, A, x, ldx, d, route, drop, out, b, e);                          \
   }
 MOSS_CPU_KERNELS(float, float)
 MOSS_CPU_KERNELS(double, double)
@@ -113,8 +113,11 @@ MOSS_CPU_ROUTING(double)
 
 // ---- operand packing and the composition ------------------------------------------------------
 
-// simd::kLanes of the accumulation type, for code that holds it as a ScalarType.
-int64_t lanes(at::ScalarType acc) { return 64 / static_cast<int64_t>(c10::elementSize(acc)); }
+// The lanes of the widest vector of the accumulation type (simd::kMaxBytes), for code that holds
+// it as a ScalarType: buffers padded to whole ones are whole vectors of either width.
+int64_t lanes(at::ScalarType acc) {
+  return simd::kMaxBytes / static_cast<int64_t>(c10::elementSize(acc));
+}
 
 // m [c, d] -> [d, round_up(c)] = scale * m^T zero-padded: a project operand. The scale is
 // applied in A: rounding scale * B to bf16 first would put an error of bf16's epsilon on every
@@ -209,7 +212,7 @@ template <typename S, typename A>
 void run_outer(const at::Tensor& x, const at::Tensor& z, const std::vector<int64_t> (&rows)[2],
                const int64_t (&width)[2], const int64_t (&off)[2], at::Tensor (&g)[2],
                Dropout<A> drop = {}) {
-  const int64_t d = x.size(1), chunk = 4 * lanes(acc_type(x.scalar_type()));
+  const int64_t d = x.size(1), chunk = kOuterColumns<A>;
   OuterArgs<S, A> a{x.data_ptr<S>(), x.stride(0), d, z.data_ptr<A>(), z.stride(0),
                     {rows[0].data(), rows[1].data()},
                     {int64_t(rows[0].size()), int64_t(rows[1].size())},

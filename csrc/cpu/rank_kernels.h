@@ -95,10 +95,10 @@ MOSS_INLINE int64_t run_end(const int8_t* route, int64_t t, int64_t end) {
 
 // ---- project --------------------------------------------------------------------------------
 
-template <typename S, typename A, int MR, int NV>
+template <typename S, typename A, int V, int MR, int NV>
 MOSS_INLINE void project_tiles(const ProjectArgs<S, A>& a, const Seg<A>& s, int64_t c0,
                                int64_t t, int64_t u) {
-  constexpr int64_t L = kLanes<A>;
+  constexpr int64_t L = kLanes<A, V>;
   for (int64_t t0 = t; t0 < u; t0 += MR) {
     const int64_t m = std::min<int64_t>(MR, u - t0);
     const S* xr[MR];
@@ -106,12 +106,12 @@ MOSS_INLINE void project_tiles(const ProjectArgs<S, A>& a, const Seg<A>& s, int6
     for (int i = 0; i < MR; ++i) {
       xr[i] = a.x + (t0 + std::min<int64_t>(i, m - 1) - a.row0) * a.ldx;
     }
-    Vec<A> acc[MR][NV] = {};
+    Vec<A, V> acc[MR][NV] = {};
     const A* w = s.w + c0;
     for (int64_t k = 0; k < a.d; ++k, w += s.ld) {
-      Vec<A> wv[NV];
+      Vec<A, V> wv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) wv[v] = simd::load<A>(w + v * L);
+      for (int v = 0; v < NV; ++v) wv[v] = simd::load<A, V>(w + v * L);
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         const A xi = static_cast<A>(xr[i][k]);
@@ -121,25 +121,28 @@ MOSS_INLINE void project_tiles(const ProjectArgs<S, A>& a, const Seg<A>& s, int6
     }
     for (int i = 0; i < m; ++i) {
       A* o = a.out + (t0 + i) * a.ldo + s.off + c0;
-      for (int v = 0; v < NV; ++v) simd::store<A>(o + v * L, acc[i][v]);
+      for (int v = 0; v < NV; ++v) simd::store<A, V>(o + v * L, acc[i][v]);
     }
   }
 }
 
-template <typename S, typename A>
+// Tiles of MR rows x NV vectors, sized so that the MR x NV accumulators, the NV operand vectors
+// and a broadcast fit the registers: up to 6 x 4 with AVX-512's 32 (V = 64), 6 x 2 with AVX2's 16
+// (V = 32; simd.h).
+template <typename S, typename A, int V>
 MOSS_INLINE void project_rows(const ProjectArgs<S, A>& a, int64_t begin, int64_t end) {
-  constexpr int64_t L = kLanes<A>;
+  constexpr int64_t L = kLanes<A, V>, NV = V == 64 ? 4 : 2;
   for (int64_t t = begin, u; t < end; t = u) {
     u = run_end(a.route, t, end);
     const int8_t r = a.route[t];
     if (r < 0 || a.seg[r].width == 0) continue;
     const Seg<A>& s = a.seg[r];
-    for (int64_t c0 = 0; c0 < s.width; c0 += 4 * L) {
-      switch (std::min<int64_t>(4, (s.width - c0 + L - 1) / L)) {
-        case 4: project_tiles<S, A, 6, 4>(a, s, c0, t, u); break;
-        case 3: project_tiles<S, A, 6, 3>(a, s, c0, t, u); break;
-        case 2: project_tiles<S, A, 8, 2>(a, s, c0, t, u); break;
-        default: project_tiles<S, A, 12, 1>(a, s, c0, t, u); break;
+    for (int64_t c0 = 0; c0 < s.width; c0 += NV * L) {
+      switch (std::min<int64_t>(NV, (s.width - c0 + L - 1) / L)) {
+        case 4: if constexpr (NV >= 4) project_tiles<S, A, V, 6, 4>(a, s, c0, t, u); break;
+        case 3: if constexpr (NV >= 3) project_tiles<S, A, V, 6, 3>(a, s, c0, t, u); break;
+        case 2: project_tiles<S, A, V, NV >= 4 ? 8 : 6, 2>(a, s, c0, t, u); break;
+        default: project_tiles<S, A, V, 12, 1>(a, s, c0, t, u); break;
       }
     }
   }
@@ -148,10 +151,10 @@ MOSS_INLINE void project_rows(const ProjectArgs<S, A>& a, int64_t begin, int64_t
 // The rows [begin, end) of x that an adapter reads (route >= 0), through LoRA dropout, into
 // out[t - begin] (row stride d): project then reads this block, still in cache, instead of x.
 // One pass that reads x once, as project does; the dropped-out x is never written to memory.
-template <typename S, typename A>
+template <typename S, typename A, int V>
 MOSS_INLINE void kept_rows(const S* x, int64_t ldx, int64_t d, const int8_t* route,
                            const Dropout<A>& drop, S* out, int64_t begin, int64_t end) {
-  constexpr int64_t L = kLanes<A>;
+  constexpr int64_t L = kLanes<A, V>;
   for (int64_t t = begin; t < end; ++t) {
     if (route[t] < 0) continue;
     const S* xt = x + t * ldx;
@@ -159,7 +162,7 @@ MOSS_INLINE void kept_rows(const S* x, int64_t ldx, int64_t d, const int8_t* rou
     S* o = out + (t - begin) * d;
     for (int64_t c = 0; c < d; c += L) {
       const int64_t n = std::min(L, d - c);
-      simd::store<A>(o + c, simd::load_kept<A>(xt, kt, c, drop.scale, n), n);
+      simd::store<A, V>(o + c, simd::load_kept<A, V>(xt, kt, c, drop.scale, n), n);
     }
   }
 }
@@ -171,10 +174,10 @@ MOSS_INLINE void kept_rows(const S* x, int64_t ldx, int64_t d, const int8_t* rou
 // plain vector moves (a run-time length makes the compiler call memcpy for every store).
 constexpr int kExpandRows = 4;
 
-template <typename S, typename A, int NV, bool TAIL>
+template <typename S, typename A, int V, int NV, bool TAIL>
 MOSS_INLINE void expand_tiles(const ExpandArgs<S, A>& a, const Seg<A>& s, int64_t o0,
                               int64_t t, int64_t u) {
-  constexpr int64_t L = kLanes<A>;
+  constexpr int64_t L = kLanes<A, V>;
   constexpr int MR = kExpandRows;
   const int64_t tail = TAIL ? a.d - o0 - (NV - 1) * L : L;  // lanes used in the last vector
   for (int64_t t0 = t; t0 < u; t0 += MR) {
@@ -188,19 +191,19 @@ MOSS_INLINE void expand_tiles(const ExpandArgs<S, A>& a, const Seg<A>& s, int64_
       zr[i] = a.z + ti * a.ldz + s.off;
     }
     const bool fresh = a.store || a.drop.keep != nullptr;  // accumulate z W alone
-    Vec<A> acc[MR][NV];
+    Vec<A, V> acc[MR][NV];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        acc[i][v] = fresh ? Vec<A>{} : simd::load<A>(yr[i] + v * L, v == NV - 1 ? tail : L);
+        acc[i][v] = fresh ? Vec<A, V>{} : simd::load<A, V>(yr[i] + v * L, v == NV - 1 ? tail : L);
       }
     }
     const A* w = s.w + o0;
     for (int64_t j = 0; j < s.width; ++j, w += s.ld) {
-      Vec<A> wv[NV];
+      Vec<A, V> wv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) wv[v] = simd::load<A>(w + v * L);
+      for (int v = 0; v < NV; ++v) wv[v] = simd::load<A, V>(w + v * L);
 #pragma GCC unroll 4
       for (int i = 0; i < MR; ++i) {
         const A zi = zr[i][j];
@@ -213,21 +216,23 @@ MOSS_INLINE void expand_tiles(const ExpandArgs<S, A>& a, const Seg<A>& s, int64_
         const uint8_t* kr = a.drop.keep + (t0 + i) * a.drop.ld;
         for (int v = 0; v < NV; ++v) {
           const int64_t n = v == NV - 1 ? tail : L;
-          const Vec<A> dy = simd::kept<A>(acc[i][v] * a.drop.scale, kr, o0 + v * L);
-          simd::store<A>(yr[i] + v * L, simd::load<A>(yr[i] + v * L, n) + dy, n);
+          const Vec<A, V> dy = simd::kept<A, V>(acc[i][v] * a.drop.scale, kr, o0 + v * L);
+          simd::store<A, V>(yr[i] + v * L, simd::load<A, V>(yr[i] + v * L, n) + dy, n);
         }
       }
       continue;
     }
     for (int i = 0; i < m; ++i) {
-      for (int v = 0; v < NV; ++v) simd::store<A>(yr[i] + v * L, acc[i][v], v == NV - 1 ? tail : L);
+      for (int v = 0; v < NV; ++v) {
+        simd::store<A, V>(yr[i] + v * L, acc[i][v], v == NV - 1 ? tail : L);
+      }
     }
   }
 }
 
-template <typename S, typename A>
+template <typename S, typename A, int V>
 MOSS_INLINE void expand_rows(const ExpandArgs<S, A>& a, int64_t begin, int64_t end) {
-  constexpr int64_t L = kLanes<A>;
+  constexpr int64_t L = kLanes<A, V>, NV = V == 64 ? 4 : 2;  // a tile's vectors, at most
   for (int64_t t = begin, u; t < end; t = u) {
     u = run_end(a.route, t, end);
     const int8_t r = a.route[t];
@@ -240,18 +245,19 @@ MOSS_INLINE void expand_rows(const ExpandArgs<S, A>& a, int64_t begin, int64_t e
     // Rows outer, columns inner: y is then read and written row after row, sequentially. (The
     // other order walks a column chunk down the rows, and with 4 KiB rows every access lands
     // on a new page, where the hardware prefetchers do not follow: 10-20% slower here.)
+    const Seg<A>& s = a.seg[r];
     const int64_t full = a.d / L * L;  // columns in whole vectors
     for (int64_t t0 = t; t0 < u; t0 += kExpandRows) {
       const int64_t u0 = std::min(u, t0 + kExpandRows);
-      for (int64_t o0 = 0; o0 < full; o0 += 4 * L) {
-        switch (std::min<int64_t>(4, (full - o0) / L)) {
-          case 4: expand_tiles<S, A, 4, false>(a, a.seg[r], o0, t0, u0); break;
-          case 3: expand_tiles<S, A, 3, false>(a, a.seg[r], o0, t0, u0); break;
-          case 2: expand_tiles<S, A, 2, false>(a, a.seg[r], o0, t0, u0); break;
-          default: expand_tiles<S, A, 1, false>(a, a.seg[r], o0, t0, u0); break;
+      for (int64_t o0 = 0; o0 < full; o0 += NV * L) {
+        switch (std::min<int64_t>(NV, (full - o0) / L)) {
+          case 4: if constexpr (NV >= 4) expand_tiles<S, A, V, 4, false>(a, s, o0, t0, u0); break;
+          case 3: if constexpr (NV >= 3) expand_tiles<S, A, V, 3, false>(a, s, o0, t0, u0); break;
+          case 2: expand_tiles<S, A, V, 2, false>(a, s, o0, t0, u0); break;
+          default: expand_tiles<S, A, V, 1, false>(a, s, o0, t0, u0); break;
         }
       }
-      if (full < a.d) expand_tiles<S, A, 1, true>(a, a.seg[r], full, t0, u0);
+      if (full < a.d) expand_tiles<S, A, V, 1, true>(a, s, full, t0, u0);
     }
   }
 }
@@ -260,9 +266,9 @@ MOSS_INLINE void expand_rows(const ExpandArgs<S, A>& a, int64_t begin, int64_t e
 
 constexpr int64_t kOuterRows = 64;  // tokens per pass over an accumulator tile
 
-template <typename S, typename A, int NV>
+template <typename S, typename A, int V, int NV>
 MOSS_INLINE void outer_tiles(const OuterArgs<S, A>& a, int r, int64_t o0) {
-  constexpr int64_t L = kLanes<A>;
+  constexpr int64_t L = kLanes<A, V>;
   constexpr int MJ = 4;
   const int64_t tail = std::min(L, a.d - o0 - (NV - 1) * L);
   const int64_t width = a.width[r], off = a.off[r];
@@ -279,14 +285,14 @@ MOSS_INLINE void outer_tiles(const OuterArgs<S, A>& a, int r, int64_t o0) {
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) {
           const int64_t n = v == NV - 1 ? tail : L;
-          simd::store<A>(xs[b] + v * L,
-                         simd::load_kept<A>(xt - o0, kt, o0 + v * L, a.drop.scale, n));
+          simd::store<A, V>(xs[b] + v * L,
+                         simd::load_kept<A, V>(xt - o0, kt, o0 + v * L, a.drop.scale, n));
         }
         continue;
       }
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        simd::store<A>(xs[b] + v * L, simd::load<A>(xt + v * L, v == NV - 1 ? tail : L));
+        simd::store<A, V>(xs[b] + v * L, simd::load<A, V>(xt + v * L, v == NV - 1 ? tail : L));
       }
     }
     for (int64_t j0 = 0; j0 < width; j0 += MJ) {
@@ -298,17 +304,17 @@ MOSS_INLINE void outer_tiles(const OuterArgs<S, A>& a, int r, int64_t o0) {
         zj[i] = off + j0 + std::min<int64_t>(i, mj - 1);
         gr[i] = a.g[r] + (j0 + std::min<int64_t>(i, mj - 1)) * a.ldg + o0;
       }
-      Vec<A> acc[MJ][NV];
+      Vec<A, V> acc[MJ][NV];
 #pragma GCC unroll 4
       for (int i = 0; i < MJ; ++i) {
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[i][v] = simd::load<A>(gr[i] + v * L);
+        for (int v = 0; v < NV; ++v) acc[i][v] = simd::load<A, V>(gr[i] + v * L);
       }
       for (int64_t b = 0; b < nb; ++b) {
         const A* zt = a.z + rows[b0 + b] * a.ldz;
-        Vec<A> xv[NV];
+        Vec<A, V> xv[NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) xv[v] = simd::load<A>(xs[b] + v * L);
+        for (int v = 0; v < NV; ++v) xv[v] = simd::load<A, V>(xs[b] + v * L);
 #pragma GCC unroll 4
         for (int i = 0; i < MJ; ++i) {
           const A zi = zt[zj[i]];
@@ -317,21 +323,28 @@ MOSS_INLINE void outer_tiles(const OuterArgs<S, A>& a, int r, int64_t o0) {
         }
       }
       for (int i = 0; i < mj; ++i) {
-        for (int v = 0; v < NV; ++v) simd::store<A>(gr[i] + v * L, acc[i][v]);
+        for (int v = 0; v < NV; ++v) simd::store<A, V>(gr[i] + v * L, acc[i][v]);
       }
     }
   }
 }
 
-// One task: route r's accumulator columns [o0, o0 + 4 vectors) over all of its rows.
-template <typename S, typename A>
+// One task: route r's accumulator columns [o0, o0 + kOuterColumns) over all of its rows, in
+// tiles of 4 rows of g by up to 4 vectors (V = 64) or 2 (V = 32).
+template <typename A>
+constexpr int64_t kOuterColumns = 4 * kLanes<A, simd::kMaxBytes>;
+
+template <typename S, typename A, int V>
 MOSS_INLINE void outer_task(const OuterArgs<S, A>& a, int r, int64_t o0) {
-  constexpr int64_t L = kLanes<A>;
-  switch (std::min<int64_t>(4, (a.d - o0 + L - 1) / L)) {
-    case 4: outer_tiles<S, A, 4>(a, r, o0); break;
-    case 3: outer_tiles<S, A, 3>(a, r, o0); break;
-    case 2: outer_tiles<S, A, 2>(a, r, o0); break;
-    default: outer_tiles<S, A, 1>(a, r, o0); break;
+  constexpr int64_t L = kLanes<A, V>, NV = V == 64 ? 4 : 2;
+  const int64_t end = std::min(a.d, o0 + kOuterColumns<A>);
+  for (int64_t o = o0; o < end; o += NV * L) {
+    switch (std::min<int64_t>(NV, (end - o + L - 1) / L)) {
+      case 4: if constexpr (NV >= 4) outer_tiles<S, A, V, 4>(a, r, o); break;
+      case 3: if constexpr (NV >= 3) outer_tiles<S, A, V, 3>(a, r, o); break;
+      case 2: outer_tiles<S, A, V, 2>(a, r, o); break;
+      default: outer_tiles<S, A, V, 1>(a, r, o); break;
+    }
   }
 }
 
