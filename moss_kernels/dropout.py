@@ -7,7 +7,7 @@ p)`` (moss_kernels/linear.py). The format, which every backend reads:
     uint8 [N, 8 * ceil(D / 64)]: bit c % 8 of byte c // 8 of row t keeps x[t, c]; bits past D are 0
 
 Bits, not a bool tensor: an eighth of the memory the autograd context keeps, and the CPU kernels
-turn 16 bits into a vector condition in three instructions (a byte per element needs a
+turn a vector's 4-16 bits into its lane condition in a few instructions (a byte per element needs a
 conversion GCC does not vectorise); rows of whole 64-bit words so that no read runs past a row.
 :func:`pack` / :func:`unpack` convert from / to a bool ``[N, D]`` tensor. On CPU with the
 compiled extension the mask is the custom op ``moss::dropout_mask(x, seed, p)``:

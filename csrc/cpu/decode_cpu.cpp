@@ -100,7 +100,8 @@ MOSS_INLINE void dots(const S* x, const S* w, int64_t d, int64_t n, A* p) {
     if (tail > 0) {
 #pragma GCC unroll 2
       for (int64_t h = 0; h < P; ++h) {
-        const int64_t m = std::clamp<int64_t>(tail - h * L, 0, L), at = full + h * L;
+        const int64_t m = std::min(tail - h * L, L), at = full + h * L;
+        if (m <= 0) break;  // (V = 32: a tail within the first half)
         const Vec<A, V> xv = simd::load<A, V>(x + at, m);
 #pragma GCC unroll 4
         for (int q = 0; q < 4; ++q) acc[q][h] += xv * simd::load<A, V>(wr[q] + at, m);

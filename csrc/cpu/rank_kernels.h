@@ -9,9 +9,10 @@
 // Why not MKL: these GEMMs have 16-80 columns; cut by route they are many small calls, and MKL ran
 // them at a third to a half of its big-GEMM rate on the 2-core dev machine (per-block expand
 // alone cost 5.6% of F.linear for 1.6% of its FLOPs). Here every kernel is one pass in one
-// parallel region: project and expand read each x / y row once, keeping a 6-12 row x 16-64
-// column accumulator tile in registers; outer accumulates a 4 x 64 tile over the route's rows
-// (a fixed order, so results are deterministic and independent of the thread count).
+// parallel region: project and expand read each x / y row once, keeping a 6-12 row x 1-4 vector
+// accumulator tile in registers (up to 6 x 2 with 32-byte vectors: simd.h); outer accumulates
+// 4 rows x 1-4 vectors over the route's rows (a fixed order, so results are deterministic and
+// independent of the thread count).
 // Accumulation is in A (float for bf16 and float, double for double); operands `w` are packed
 // once per call in A with the vectorised dimension zero-padded to whole vectors.
 #pragma once

@@ -15,12 +15,14 @@
 // `moss bench --quick` layer ran at 4.3x F.linear's forward, 1.5x with 32-byte vectors. One
 // body is compiled for every clone and cannot tell at compile time which clone it is in, so the
 // kernels are templates on V, each clone compiles both widths, and calls the one
-// vector_bytes() names (a cached run-time test, once per range of work). Results do not depend on
-// V: every sum runs in the same order (the decode step's dot products over lanes of 64 bytes at
-// either width; tests/test_vector_widths.py).
+// vector_bytes() names (a cached run-time test, once per range of work). Every sum runs in the
+// same order at both widths (the decode step's dot products over lanes of 64 bytes at either
+// width), but GCC may fuse a multiply-add into an FMA in one width's code and not the other's
+// (-ffp-contract=fast), so they agree to the last bits, not always bit for bit.
 // MSVC has no vector extensions: build with MOSS_BUILD_EXT=0 there (the reference backend runs).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -57,17 +59,19 @@ constexpr int kMaxBytes = 64;
 // it (moss_kernels._C._set_vector_bytes) to run the other width's kernels too: both are correct
 // on every CPU, the other one only slower.
 inline int detected_vector_bytes() {
-#ifdef MOSS_CPU_HAS_CLONES
+#if defined(MOSS_CPU_HAS_CLONES)
   return __builtin_cpu_supports("x86-64-v4") ? 64 : 32;
+#elif defined(__AVX512F__)
+  return 64;  // a build for AVX-512 without clones
 #else
   return 32;
 #endif
 }
-inline int& vector_bytes_setting() {
-  static int bytes = detected_vector_bytes();
+inline std::atomic<int>& vector_bytes_setting() {
+  static std::atomic<int> bytes{detected_vector_bytes()};
   return bytes;
 }
-inline int vector_bytes() { return vector_bytes_setting(); }
+inline int vector_bytes() { return vector_bytes_setting().load(std::memory_order_relaxed); }
 
 // kernel<S, A, V>(...) with the running clone's vector width V, in a clone's body.
 #define MOSS_BY_WIDTH(kernel, S, A, ...)                                                      \
