@@ -78,7 +78,7 @@ MOSS_INLINE A lane_sum(const Vec<A, V>& v) {
 // for the four; whole vectors first, then the partial last one (a run-time length in every
 // load would keep the compiler from plain vector moves). The sums are split over the lanes of
 // 64 bytes whatever V is (V = 32: two vectors make one of 64, added before the tree of
-// lane_sum<64> goes on), so that they come out the same at both widths.
+// lane_sum<64> goes on), so that both widths add in the same order (simd.h).
 template <typename S, typename A, int V>
 MOSS_INLINE void dots(const S* x, const S* w, int64_t d, int64_t n, A* p) {
   constexpr int64_t L = kLanes<A, V>, P = simd::kMaxBytes / V, LL = P * L;
@@ -161,7 +161,7 @@ MOSS_INLINE void project_rows(const DecodeArgs<S, A>& a, A* p, int64_t c0, int64
     const int64_t lo = std::max(c0, r == 0 ? int64_t(0) : a.r_t);
     const int64_t hi = std::min(c1, r == 0 ? a.r_t : cols);
     if (lo < hi) dots<S, A, V>(a.x + t * a.d_in, a.a_all + lo * a.d_in, a.d_in, hi - lo,
-                            p + t * cols + lo);
+                               p + t * cols + lo);
   }
 }
 
@@ -208,7 +208,7 @@ MOSS_INLINE void expand_cols(const DecodeArgs<S, A>& a, const A* z, int64_t o0, 
     if (route < 0) continue;
     const int64_t off = route == 0 ? 0 : a.r_t, n = route == 0 ? a.r_t : a.r_i;
     axpys<S, A, V>(z + t * r + off, a.b_t + off * a.d_out + o0, a.d_out, n,
-                a.y + t * a.d_out + o0, o1 - o0);
+                   a.y + t * a.d_out + o0, o1 - o0);
   }
 }
 
